@@ -1,0 +1,178 @@
+"""
+What the application and SQL servers share about their peers: the client
+certificate learnt at the end of the TLS handshake, the log line when a
+handshake is refused, and the handshake and idle timeouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_tls4d import pki
+
+#: Seconds a client has to complete its TLS handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+#: Seconds an authenticated connection may stay silent before it is closed.
+DEFAULT_IDLE_TIMEOUT = 600.0
+
+
+def common_name(certificate: x509.Certificate) -> str:
+    """
+    Returns:
+        The certificate subject's first common name, or its whole subject in
+        RFC 4514 form when it has none.
+    """
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if names:
+        value = names[0].value
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return certificate.subject.rfc4514_string()
+
+
+def peer_label(transport: Any) -> str:
+    """
+    Returns:
+        ``host:port`` of the transport's peer, for logs.
+    """
+    address = transport.getPeer()
+    host = getattr(address, "host", str(address))
+    port = getattr(address, "port", None)
+    if port is None:
+        return str(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@implementer(IHandshakeListener)
+class AuthenticatedPeerMixin(TimeoutMixin):
+    """
+    Mixin for a protocol served through TLS with a required client
+    certificate.
+
+    The TLS layer starts the wrapped protocol before the handshake, so the
+    protocol learns its peer in `handshakeCompleted`; until then it neither
+    answers nor trusts anything. A connection lost before that is a refused
+    handshake, logged once with the reason.
+
+    The class using it sets ``server_name`` (for logs), ``clock`` (an
+    `IReactorTime`), and the timeouts, and may override `peer_authenticated`.
+    """
+
+    log = Logger()
+    server_name = "server"
+    clock: IReactorTime
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+
+    peer_certificate: x509.Certificate | None = None
+    _verify_error: str | None = None
+    _timed_out_in: str | None = None
+
+    def callLater(self, period: float, func: Any) -> Any:  # noqa: N802 (TimeoutMixin)
+        """
+        Schedule the timeouts on the protocol's clock, so tests drive them.
+        """
+        return self.clock.callLater(period, func)
+
+    def start_handshake_timer(self) -> None:
+        """
+        Call from ``connectionMade``: give the client ``handshake_timeout``
+        seconds to complete the TLS handshake.
+        """
+        self.setTimeout(self.handshake_timeout)
+
+    def note_verify_error(self, reason: str) -> None:
+        """
+        Keep why OpenSSL refused the client's certificate (the first reason
+        only), for the log line when the connection closes.
+        """
+        if self._verify_error is None:
+            self._verify_error = reason
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Learn the peer's verified certificate and start the idle timer.
+        """
+        handle = self.transport.getHandle()  # type: ignore[attr-defined]
+        certificate = handle.get_peer_certificate(as_cryptography=True)
+        if certificate is None:
+            # OpenSSL refuses such handshakes (VERIFY_FAIL_IF_NO_PEER_CERT);
+            # this guards against a context built without it.
+            self.log.error(
+                "{server}: refused {peer}: no client certificate",
+                server=self.server_name,
+                peer=peer_label(self.transport),
+            )
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.peer_certificate = certificate
+        self.log.info(
+            "{server}: {peer} authenticated as {name!r} (certificate {fingerprint})",
+            server=self.server_name,
+            peer=peer_label(self.transport),
+            name=common_name(certificate),
+            fingerprint=pki.fingerprint_sha256(certificate),
+        )
+        self.setTimeout(self.idle_timeout)
+        self.peer_authenticated()
+
+    def peer_authenticated(self) -> None:
+        """
+        Called once the client's certificate was verified; override to greet.
+        """
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin)
+        """
+        Close a connection that took too long to handshake or went idle.
+        """
+        phase = "TLS handshake" if self.peer_certificate is None else "idle"
+        self._timed_out_in = phase
+        self.log.info(
+            "{server}: closing {peer}: {phase} timeout",
+            server=self.server_name,
+            peer=peer_label(self.transport),
+            phase=phase,
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def log_refusal_if_any(self, reason: Failure) -> None:
+        """
+        Call from ``connectionLost``: stop the timer and, if the handshake
+        never completed, log once why the client was refused.
+        """
+        self.setTimeout(None)
+        if self.peer_certificate is not None or self._timed_out_in:
+            return
+        why = self._verify_error or _describe_tls_failure(reason)
+        self.log.warn(
+            "{server}: refused TLS handshake from {peer}: {why}",
+            server=self.server_name,
+            peer=peer_label(self.transport),
+            why=why,
+        )
+
+
+def _describe_tls_failure(reason: Failure) -> str:
+    """
+    Turn the failure that ended a handshake into words for the log.
+    """
+    text = str(reason.value)
+    if "peer did not return a certificate" in text:
+        return "the client presented no certificate"
+    if "no shared cipher" in text or "no suitable" in text:
+        return "no cipher suite or group in common"
+    if "unsupported protocol" in text or "version" in text:
+        return "it offered only TLS versions this server refuses"
+    if "wrong version number" in text or "http request" in text:
+        return "it did not speak TLS"
+    if reason.check(Exception) and "Connection was closed cleanly" in text:
+        return "it closed the connection during the handshake"
+    return text

@@ -1,0 +1,1 @@
+"""The application server: a length-prefixed JSON protocol over mutual TLS."""

@@ -1,0 +1,384 @@
+"""
+The one TLS policy of tls4d: protocol versions, cipher suites, key-exchange
+groups, Diffie-Hellman parameters and client-certificate verification, built
+into pyOpenSSL contexts that every listener shares.
+
+A pyOpenSSL context cannot change once a connection was made from it, so each
+listener serves through a `ServerConnectionCreator` whose context a reload
+replaces whole with a freshly built one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_tls4d import pki
+from twisted_tls4d.errors import ConfigurationError, PEMError
+
+_log = Logger()
+
+#: Mozilla's "intermediate" profile (version 5.7): forward-secret AEAD suites
+#: only, for TLS 1.2. TLS 1.3 suites are all forward-secret AEAD.
+DEFAULT_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+#: The ECDHE groups offered: X25519, P-256 and P-384 (no X448, no P-521).
+GROUPS = "X25519:P-256:P-384"
+
+_MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+#: What OpenSSL's certificate-verification error numbers mean for an operator.
+_VERIFY_ERRORS = {
+    7: "its certificate's signature is invalid",
+    9: "its certificate is not yet valid",
+    10: "its certificate has expired",
+    18: "its certificate is self-signed",
+    19: "its certificate chain ends in a CA that Resources/ca.pem does not hold",
+    20: "its certificate was issued by a CA that Resources/ca.pem does not hold",
+    21: "its certificate was issued by a CA that Resources/ca.pem does not hold",
+    23: "its certificate has been revoked",
+    24: "its chain holds a CA certificate that may not issue certificates",
+    26: "its certificate is not meant for client authentication (no clientAuth)",
+}
+
+
+@attrs.frozen
+class TLSPolicy:
+    """
+    What every tls4d listener allows.
+
+    Attributes:
+        min_version: The lowest TLS version accepted, ``"1.2"`` or ``"1.3"``.
+        ciphers: An OpenSSL cipher string for TLS 1.2.
+        dh_parameters: A PEM file of DH parameters for DHE suites, or None.
+    """
+
+    min_version: str = "1.2"
+    ciphers: str = DEFAULT_CIPHERS
+    dh_parameters: Path | None = None
+
+
+@attrs.frozen
+class ServerIdentity:
+    """
+    The key and certificate chain one listener presents.
+
+    Attributes:
+        key: The private key.
+        chain: The leaf certificate first, then the certificates that issued
+            it.
+        cert_path: Where the chain was read from.
+        key_path: Where the key was read from.
+    """
+
+    key: pki.PrivateKey
+    chain: Sequence[x509.Certificate]
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The leaf certificate."""
+        return self.chain[0]
+
+
+def min_version_number(min_version: str) -> int:
+    """
+    Args:
+        min_version: ``"1.2"`` or ``"1.3"``.
+
+    Returns:
+        OpenSSL's number for that version.
+
+    Raises:
+        ConfigurationError: The version is older than TLS 1.2 or unknown.
+    """
+    if min_version in _MIN_VERSIONS:
+        return _MIN_VERSIONS[min_version]
+    if min_version in ("1.0", "1.1", "1", "ssl3"):
+        msg = (
+            f"A minimum TLS version of {min_version} is refused: TLS before 1.2 "
+            "is deprecated by RFC 8996 and fails every current audit; use 1.2 "
+            "or 1.3."
+        )
+    else:
+        msg = f"Unknown minimum TLS version {min_version!r}; use 1.2 or 1.3."
+    raise ConfigurationError(msg)
+
+
+def tls12_suites(cipher_string: str) -> list[str]:
+    """
+    The TLS 1.2 cipher suites an OpenSSL cipher string selects, as this
+    machine's OpenSSL understands it.
+
+    Args:
+        cipher_string: E.g. ``"ECDHE+AESGCM"``.
+
+    Returns:
+        OpenSSL suite names, in preference order.
+
+    Raises:
+        ConfigurationError: The string selects no TLS 1.2 suite.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_cipher_list(cipher_string.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        names: list[str] = []
+    else:
+        names = [
+            name
+            for name in SSL.Connection(context, None).get_cipher_list()
+            if not name.startswith("TLS_")
+        ]
+    if not names:
+        msg = (
+            f"The cipher string {cipher_string!r} selects no TLS 1.2 cipher "
+            "suite; see `openssl ciphers -v` for valid names, or leave "
+            "--ciphers unset for Mozilla's intermediate list."
+        )
+        raise ConfigurationError(msg)
+    return names
+
+
+def is_forward_secret(suite: str) -> bool:
+    """
+    Args:
+        suite: An OpenSSL TLS 1.2 suite name, or a TLS 1.3 one.
+
+    Returns:
+        Whether the suite's key exchange is ephemeral Diffie-Hellman with an
+        authenticated server (ECDHE or DHE; every TLS 1.3 suite).
+    """
+    return suite.startswith(("ECDHE-", "DHE-", "TLS_"))
+
+
+def check_ciphers(cipher_string: str) -> list[str]:
+    """
+    Check a cipher string for use, logging a warning naming every suite it
+    allows that lacks forward secrecy.
+
+    Args:
+        cipher_string: An OpenSSL cipher string.
+
+    Returns:
+        The suites it selects that lack forward secrecy (possibly none).
+
+    Raises:
+        ConfigurationError: The string selects nothing.
+    """
+    weak = [s for s in tls12_suites(cipher_string) if not is_forward_secret(s)]
+    if weak:
+        _log.warn(
+            "The cipher list allows {count} suites without forward secrecy "
+            "(no ECDHE/DHE key exchange): {suites}",
+            count=len(weak),
+            suites=", ".join(weak),
+        )
+    return weak
+
+
+def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
+    """
+    Load a listener's certificate chain and key and check that they match.
+
+    Args:
+        cert_path: PEM file with the leaf certificate first.
+        key_path: PEM file with its private key.
+
+    Returns:
+        The identity.
+
+    Raises:
+        PEMError: A file cannot be read or parsed.
+        KeyMismatchError: The certificate was not issued for the key.
+    """
+    cert_text = pki.read_pem(cert_path)
+    key_text = pki.read_pem(key_path)
+    for text in (cert_text, key_text):
+        if text.note:
+            _log.warn("{note}", note=text.note)
+    chain = pki.load_certificates(cert_path, cert_text)
+    key = pki.load_private_key(key_path, key_text)
+    pki.check_key_matches(chain[0], key, cert_path, key_path)
+    return ServerIdentity(key, chain, cert_path, key_path)
+
+
+def load_client_cas(path: Path) -> list[x509.Certificate]:
+    """
+    Load the certificates trusted to sign client certificates.
+
+    Args:
+        path: A PEM file of one or more CA certificates.
+
+    Returns:
+        The certificates.
+
+    Raises:
+        PEMError: The file cannot be read or holds no certificate.
+    """
+    text = pki.read_pem(path)
+    if text.note:
+        _log.warn("{note}", note=text.note)
+    return pki.load_certificates(path, text)
+
+
+def _set_groups(context: SSL.Context, groups: str) -> bool:
+    """
+    Limit the ECDHE groups of ``context``. pyOpenSSL has no public call for
+    this (only ``set_tmp_ecdh`` for a single curve), so it goes through the
+    OpenSSL binding pyOpenSSL itself uses; where that is missing, OpenSSL's
+    default groups stay and the caller is told.
+    """
+    try:
+        from OpenSSL._util import lib
+    except ImportError:
+        return False
+    set_list = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    if set_list is None:
+        return False
+    return bool(set_list(context._context, groups.encode("ascii")) == 1)
+
+
+def _record_verify_error(
+    connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int
+) -> bool:
+    """
+    OpenSSL's certificate-verification callback: keep OpenSSL's verdict and
+    hand the reason of a refusal to the protocol, which logs it.
+    """
+    if not ok:
+        tls_protocol = connection.get_app_data()
+        protocol = getattr(tls_protocol, "wrappedProtocol", None)
+        note = getattr(protocol, "note_verify_error", None)
+        if note is not None:
+            reason = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
+            note(f"{reason} (depth {depth})")
+    return bool(ok)
+
+
+def build_context(
+    policy: TLSPolicy,
+    identity: ServerIdentity,
+    client_cas: Sequence[x509.Certificate] = (),
+) -> SSL.Context:
+    """
+    Build a fully configured server context.
+
+    Args:
+        policy: Versions, ciphers and DH parameters.
+        identity: The key and chain to present.
+        client_cas: If any, a client certificate chained to one of them is
+            required (mutual TLS); if none, clients are not asked for one.
+
+    Returns:
+        A context not yet used by any connection.
+
+    Raises:
+        ConfigurationError: The policy's version or ciphers are unusable.
+        PEMError: The DH parameters file is unusable.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(min_version_number(policy.min_version))
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_SINGLE_DH_USE
+        | SSL.OP_SINGLE_ECDH_USE
+    )
+    if not _set_groups(context, GROUPS):
+        _log.warn(
+            "This pyOpenSSL cannot limit the key-exchange groups; OpenSSL's "
+            "defaults stay in force instead of {groups}.",
+            groups=GROUPS,
+        )
+    if policy.dh_parameters is not None:
+        try:
+            context.load_tmp_dh(str(policy.dh_parameters).encode())
+        except SSL.Error as e:
+            msg = (
+                f"{policy.dh_parameters} holds no usable DH parameters ({e}); "
+                "delete it and tls4d writes the RFC 7919 ffdhe2048 group."
+            )
+            raise PEMError(msg) from e
+
+    context.use_certificate(identity.certificate)
+    for certificate in identity.chain[1:]:
+        context.add_extra_chain_cert(certificate)
+    context.use_privatekey(identity.key)
+    context.check_privatekey()
+
+    if client_cas:
+        from OpenSSL.crypto import X509
+
+        store = context.get_cert_store()
+        assert store is not None
+        for ca in client_cas:
+            store.add_cert(X509.from_cryptography(ca))
+        context.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _record_verify_error
+        )
+        # Needed for client certificates to survive session resumption.
+        context.set_session_id(b"tls4d")
+
+    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode("ascii"))
+    tls12_suites(policy.ciphers)
+    context.set_cipher_list(policy.ciphers.encode("ascii"))
+    return context
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnectionCreator:
+    """
+    Makes the TLS side of each new server connection from one context, which
+    `replace` swaps for a freshly built one; connections already made keep the
+    context they were made from.
+    """
+
+    def __init__(self, context: SSL.Context) -> None:
+        self._context = context
+
+    @property
+    def context(self) -> SSL.Context:
+        """The context new connections are made from."""
+        return self._context
+
+    def replace(self, context: SSL.Context) -> None:
+        """
+        Serve new connections from ``context``.
+
+        Args:
+            context: A fully configured context.
+        """
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        Returns:
+            A server-side connection for one accepted transport.
+        """
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
