@@ -92,6 +92,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_TYPE_WORDS = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+}
+
+
 def read_settings_file(path: Path) -> dict[str, Any]:
     """
     Read a settings file. Its keys are the long option names, with hyphens or
@@ -129,8 +137,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         if not isinstance(value, allowed) or (
             isinstance(value, bool) and bool not in allowed
         ):
-            wanted = " or ".join(t.__name__ for t in allowed)
-            msg = f"{path}: {key} must be a {wanted}, not {value!r}."
+            wanted = " or ".join(_TYPE_WORDS[t] for t in allowed)
+            msg = f"{path}: {key} must be {wanted}, not {value!r}."
             raise ConfigurationError(msg)
         values[name] = str(value) if name == "min_tls" else value
     return values

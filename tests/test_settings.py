@@ -1,0 +1,141 @@
+"""
+Tests for twisted_tls4d.settings and the twistd options: defaults, the
+settings file, and the command line winning over it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from twisted_tls4d import settings, tap
+from twisted_tls4d.errors import ConfigurationError
+
+
+def _root_with(toml: str | None) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="tls4d-settings-")) / "root"
+    if toml is not None:
+        (root / "Settings").mkdir(parents=True)
+        (root / "Settings" / "tls4d.toml").write_text(toml)
+    return root
+
+
+class ResolveTests(unittest.TestCase):
+    """
+    Settings come from defaults, then the file, then the command line.
+    """
+
+    def test_defaults(self) -> None:
+        """Without file or options, all three servers run on 4D's default ports."""
+        s = settings.resolve({}, _root_with(None))
+        self.assertEqual((s.web, s.app, s.sql), (True, True, True))
+        self.assertEqual(
+            (s.https_port, s.http_port, s.app_port, s.sql_port), (8443, 8080, 19813, 19812)
+        )
+        self.assertEqual((s.min_tls, s.hsts, s.hsts_max_age), ("1.2", False, 63072000))
+
+    def test_file_then_command_line(self) -> None:
+        """The file's values apply, and a command-line value wins over the file's."""
+        root = _root_with('https-port = 9443\nmin_tls = "1.3"\nhsts = true\n')
+        s = settings.resolve({"https_port": 7443, "min_tls": None}, root)
+        self.assertEqual(s.https_port, 7443)
+        self.assertEqual(s.min_tls, "1.3")
+        self.assertTrue(s.hsts)
+
+    def test_one_server(self) -> None:
+        """Each server flag starts that server alone."""
+        for name in settings.SERVERS:
+            s = settings.resolve({name: True}, _root_with(None))
+            self.assertEqual([n for n in settings.SERVERS if getattr(s, n)], [name])
+
+    def test_command_line_choice_replaces_file_choice(self) -> None:
+        """Servers named on the command line replace those named in the file."""
+        root = _root_with("sql = true\n")
+        self.assertEqual(
+            [n for n in settings.SERVERS if getattr(settings.resolve({}, root), n)], ["sql"]
+        )
+        s = settings.resolve({"web": True}, root)
+        self.assertEqual([n for n in settings.SERVERS if getattr(s, n)], ["web"])
+
+    def test_unknown_key(self) -> None:
+        """An unknown key in the file is refused, naming the file and the key."""
+        root = _root_with("htps-port = 1\n")
+        e = self.assertRaises(ConfigurationError, settings.resolve, {}, root)
+        self.assertIn("'htps-port'", str(e))
+        self.assertIn("tls4d.toml", str(e))
+
+    def test_wrong_type(self) -> None:
+        """A value of the wrong type is refused, naming the key."""
+        root = _root_with('https-port = "443"\n')
+        e = self.assertRaises(ConfigurationError, settings.resolve, {}, root)
+        self.assertIn("https-port must be a whole number", str(e))
+
+    def test_invalid_toml(self) -> None:
+        """A file that is not TOML is refused, naming it."""
+        root = _root_with("this is not toml\n")
+        e = self.assertRaises(ConfigurationError, settings.resolve, {}, root)
+        self.assertIn("not valid TOML", str(e))
+
+    def test_port_range(self) -> None:
+        """A port outside 0..65535 is refused."""
+        e = self.assertRaises(
+            ConfigurationError, settings.resolve, {"sql_port": 70000}, _root_with(None)
+        )
+        self.assertIn("--sql-port 70000", str(e))
+
+    def test_same_port_twice(self) -> None:
+        """Two listeners on one port are refused; two on port 0 are fine."""
+        self.assertRaises(
+            ConfigurationError,
+            settings.resolve,
+            {"app_port": 8443},
+            _root_with(None),
+        )
+        settings.resolve({"app_port": 0, "sql_port": 0}, _root_with(None))
+
+
+class OptionsTests(unittest.TestCase):
+    """
+    The twistd options parse into checked settings, and misuse is a usage error.
+    """
+
+    def test_parse(self) -> None:
+        """Given options reach the settings; the rest keep their defaults."""
+        options = tap.Options()
+        root = _root_with(None)
+        options.parseOptions(
+            ["--web", "--root", str(root), "--https-port", "0", "--hsts", "--interface", "::1"]
+        )
+        s = options.settings
+        self.assertEqual((s.web, s.app, s.sql), (True, False, False))
+        self.assertEqual((s.https_port, s.http_port, s.hsts), (0, 8080, True))
+        self.assertEqual((s.root, s.interface), (root, "::1"))
+
+    def test_old_tls_refused(self) -> None:
+        """--min-tls 1.1 is a usage error that names RFC 8996."""
+        options = tap.Options()
+        e = self.assertRaises(
+            usage.UsageError,
+            options.parseOptions,
+            ["--min-tls", "1.1", "--root", str(_root_with(None))],
+        )
+        self.assertIn("RFC 8996", str(e))
+
+    def test_ciphers_selecting_nothing(self) -> None:
+        """--ciphers that selects nothing is a usage error naming the string."""
+        options = tap.Options()
+        e = self.assertRaises(
+            usage.UsageError,
+            options.parseOptions,
+            ["--ciphers", "NOTACIPHER", "--root", str(_root_with(None))],
+        )
+        self.assertIn("'NOTACIPHER' selects no TLS 1.2 cipher suite", str(e))
+
+    def test_help_mentions_defaults(self) -> None:
+        """--help shows each port's default and how servers are chosen."""
+        text = str(tap.Options())
+        for fragment in ("8443", "8080", "19813", "19812", "63072000", "all three"):
+            self.assertIn(fragment, text)

@@ -1,0 +1,287 @@
+"""
+Putting a server together: settings and the root feed one TLS policy, and the
+policy feeds every listener (HTTPS and HTTP, application, SQL).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from twisted_tls4d import pki, root, tls, web
+from twisted_tls4d.settings import Settings
+
+_log = Logger()
+
+
+def _ipv6_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def server_endpoint(reactor: Any, interface: str | None, port: int) -> IStreamServerEndpoint:
+    """
+    A TCP endpoint on ``interface`` (all addresses, IPv6 and IPv4, if None).
+
+    Args:
+        reactor: The reactor.
+        interface: An IPv4 or IPv6 address, or None.
+        port: The port; 0 takes a free one.
+
+    Returns:
+        The endpoint.
+    """
+    if interface is None:
+        interface = "::" if _ipv6_available() else "0.0.0.0"
+    if ":" in interface:
+        return TCP6ServerEndpoint(reactor, port, interface=interface)
+    return TCP4ServerEndpoint(reactor, port, interface=interface)
+
+
+def format_address(address: Any) -> str:
+    """
+    Returns:
+        ``host:port`` of a listening address, IPv6 hosts in brackets.
+    """
+    host, port = address.host, address.port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ListenerService(Service):
+    """
+    Listens on one endpoint while running, logging the address bound.
+
+    Attributes:
+        label: What is served, for the log (``"HTTPS"``, ``"SQL server"``).
+        port: The listening port once started.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        on_listening: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
+        self.label = label
+        self.endpoint = endpoint
+        self.factory = factory
+        self.on_listening = on_listening
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Bind now, before privileges are dropped; a failure to bind stops the
+        start with the endpoint's error.
+        """
+        super().privilegedStartService()
+        failures: list[Failure] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        _log.info(
+            "{label} listening on {address}",
+            label=self.label,
+            address=format_address(port.getHost()),
+        )
+        if self.on_listening is not None:
+            self.on_listening(port)
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Listen, unless `privilegedStartService` already did.
+        """
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Stop listening.
+
+        Returns:
+            A Deferred that fires once the port is closed, or None.
+        """
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return port.stopListening()
+
+
+class Tls4dService(MultiService):
+    """
+    The servers of one root, under one TLS policy.
+
+    Attributes:
+        settings: What it was built from.
+        layout: The root's paths.
+        creators: The connection creator of each TLS listener by name
+            (``"web"``, ``"app"``, ``"sql"``); a reload replaces their
+            contexts.
+    """
+
+    def __init__(self, settings: Settings, layout: root.RootLayout) -> None:
+        super().__init__()
+        self.settings = settings
+        self.layout = layout
+        self.creators: dict[str, tls.ServerConnectionCreator] = {}
+
+    def listener(self, name: str) -> ListenerService:
+        """
+        Returns:
+            The child listener called ``name``.
+        """
+        child = self.getServiceNamed(name)
+        assert isinstance(child, ListenerService)
+        return child
+
+
+def _log_identity(label: str, identity: tls.ServerIdentity) -> None:
+    _log.info(
+        "{label} serves {path}: {certificate}",
+        label=label,
+        path=str(identity.cert_path),
+        certificate=pki.describe(identity.certificate),
+    )
+
+
+def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
+    """
+    Build the servers the settings ask for: bootstrap the root, load keys and
+    certificates, build the TLS contexts, and prepare each listener.
+
+    Args:
+        settings: Checked settings.
+        reactor: The reactor; the global one if None.
+
+    Returns:
+        A service whose start binds every listener.
+
+    Raises:
+        ConfigurationError: The TLS policy or the root cannot be used.
+        PEMError: A key, certificate or DH file cannot be used.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+
+    layout = root.RootLayout(settings.root)
+    root.bootstrap(layout)
+    policy = tls.TLSPolicy(
+        min_version=settings.min_tls,
+        ciphers=settings.ciphers or tls.DEFAULT_CIPHERS,
+        dh_parameters=layout.dhparams,
+    )
+    tls.check_ciphers(policy.ciphers)
+    _log.info(
+        "TLS policy: TLS {version} and later; TLS 1.2 suites {ciphers}",
+        version=policy.min_version,
+        ciphers=":".join(tls.tls12_suites(policy.ciphers)),
+    )
+
+    top = Tls4dService(settings, layout)
+
+    def add(name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any) -> None:
+        service = ListenerService(
+            label, server_endpoint(reactor, settings.interface, port), factory, **kw
+        )
+        service.setName(name)
+        service.setServiceParent(top)
+
+    needs_ca = settings.app or settings.sql
+    client_cas = tls.load_client_cas(layout.ca) if needs_ca else []
+    web_identity = None
+    if settings.web or settings.sql:
+        web_identity = tls.load_identity(layout.cert, layout.key)
+
+    if settings.web:
+        assert web_identity is not None
+        _log_identity("HTTPS", web_identity)
+        creator = tls.ServerConnectionCreator(tls.build_context(policy, web_identity))
+        top.creators["web"] = creator
+        https_site, http_site, redirect = web.build_sites(
+            layout.web_folder,
+            hsts_max_age=settings.hsts_max_age if settings.hsts else None,
+            certificate=web_identity.certificate,
+            https_port=settings.https_port,
+        )
+
+        def https_bound(port: IListeningPort) -> None:
+            if redirect is not None:
+                redirect.https_port = port.getHost().port  # type: ignore[attr-defined]
+
+        add(
+            "https",
+            "HTTPS web server",
+            settings.https_port,
+            TLSMemoryBIOFactory(creator, False, https_site),
+            on_listening=https_bound,
+        )
+        if not settings.no_http:
+            label = "HTTP (redirects to HTTPS)" if redirect else "HTTP web server"
+            add("http", label, settings.http_port, http_site)
+
+    if settings.app:
+        from twisted_tls4d.app.protocol import AppServerFactory
+
+        app_identity = tls.load_identity(layout.app_cert, layout.app_key)
+        _log_identity("Application server", app_identity)
+        creator = tls.ServerConnectionCreator(
+            tls.build_context(policy, app_identity, client_cas)
+        )
+        top.creators["app"] = creator
+        app_factory = AppServerFactory(
+            clock=reactor,
+            max_frame_size=settings.max_frame_size,
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.idle_timeout,
+        )
+        add(
+            "app",
+            "Application server",
+            settings.app_port,
+            TLSMemoryBIOFactory(creator, False, app_factory),
+        )
+
+    if settings.sql:
+        from twisted_tls4d.sql.protocol import SQLServerFactory
+
+        assert web_identity is not None
+        _log_identity("SQL server", web_identity)
+        creator = tls.ServerConnectionCreator(
+            tls.build_context(policy, web_identity, client_cas)
+        )
+        top.creators["sql"] = creator
+        sql_factory = SQLServerFactory(
+            database=layout.database,
+            clock=reactor,
+            max_line_length=settings.max_line_length,
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.idle_timeout,
+        )
+        add(
+            "sql",
+            "SQL server",
+            settings.sql_port,
+            TLSMemoryBIOFactory(creator, False, sql_factory),
+        )
+    return top

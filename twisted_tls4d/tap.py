@@ -1,0 +1,194 @@
+"""
+``twistd tls4d``: the command-line options of the servers and the
+``makeService`` the twistd plugin calls.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from twisted_tls4d import settings as settings_module
+from twisted_tls4d import tls
+from twisted_tls4d.errors import Tls4dError
+
+_DEFAULTS = settings_module.Settings()
+
+
+def _port(value: str) -> int:
+    return int(value)
+
+
+_port.coerceDoc = "A TCP port; 0 takes a free one."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """
+    Options of ``twistd tls4d``. An option not given falls back to the
+    root's ``Settings/tls4d.toml``, then to the default shown.
+    """
+
+    synopsis = "[--web] [--app] [--sql] [--root DIR] [options]"
+    longdesc = (
+        "Runs the web (HTTPS), application and SQL servers of a server root, "
+        "all over TLS. Each of --web, --app, --sql starts one server; with "
+        "none of them, all three start. On first start the root gets a local "
+        "CA, server keys and certificates, DH parameters and a start page; "
+        "curl --cacert ROOT/Resources/ca.pem https://localhost:8443/ then "
+        "answers. Options not given are read from ROOT/Settings/tls4d.toml "
+        "(keys named like the options, e.g. https-port = 443)."
+    )
+
+    optFlags = [
+        ["web", None, "Start the web server (HTTPS, and plain HTTP unless --no-http)."],
+        ["app", None, "Start the application server (mutual TLS)."],
+        ["sql", None, "Start the SQL server (mutual TLS)."],
+        ["no-http", None, "Serve no plain HTTP beside HTTPS."],
+        [
+            "hsts",
+            None,
+            "Send Strict-Transport-Security on HTTPS and redirect plain HTTP "
+            "to HTTPS.",
+        ],
+    ]
+
+    optParameters: list[list[Any]] = [
+        ["root", None, None, f"The server root folder [default: {_DEFAULTS.root}]."],
+        [
+            "interface",
+            None,
+            None,
+            "The address every listener binds to [default: all addresses].",
+        ],
+        [
+            "https-port",
+            None,
+            None,
+            f"HTTPS port [default: {_DEFAULTS.https_port}].",
+            _port,
+        ],
+        [
+            "http-port",
+            None,
+            None,
+            f"Plain HTTP port [default: {_DEFAULTS.http_port}].",
+            _port,
+        ],
+        [
+            "app-port",
+            None,
+            None,
+            f"Application server port [default: {_DEFAULTS.app_port}].",
+            _port,
+        ],
+        [
+            "sql-port",
+            None,
+            None,
+            f"SQL server port [default: {_DEFAULTS.sql_port}].",
+            _port,
+        ],
+        [
+            "min-tls",
+            None,
+            None,
+            f"Lowest TLS version accepted, 1.2 or 1.3 [default: {_DEFAULTS.min_tls}].",
+        ],
+        [
+            "ciphers",
+            None,
+            None,
+            "OpenSSL cipher string for TLS 1.2 [default: Mozilla's intermediate "
+            "list of forward-secret AEAD suites]. Refused if it selects "
+            "nothing; suites without forward secrecy are named in a warning.",
+        ],
+        [
+            "hsts-max-age",
+            None,
+            None,
+            f"HSTS max-age in seconds [default: {_DEFAULTS.hsts_max_age}].",
+            int,
+        ],
+        [
+            "max-frame-size",
+            None,
+            None,
+            f"Largest application frame in bytes [default: {_DEFAULTS.max_frame_size}].",
+            int,
+        ],
+        [
+            "max-line-length",
+            None,
+            None,
+            f"Longest SQL line in bytes [default: {_DEFAULTS.max_line_length}].",
+            int,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            None,
+            "Seconds an application or SQL client has to complete its TLS "
+            f"handshake [default: {_DEFAULTS.handshake_timeout:g}].",
+            float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an application or SQL connection may stay idle "
+            f"[default: {_DEFAULTS.idle_timeout:g}].",
+            float,
+        ],
+    ]
+
+    settings: settings_module.Settings
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Combine the options with the settings file and check them.
+
+        Raises:
+            UsageError: A value is invalid; the message says which and why.
+        """
+        given: dict[str, Any] = {}
+        for key, value in self.items():
+            name = key.replace("-", "_")
+            if name in settings_module.SERVERS or name in ("no_http", "hsts"):
+                given[name] = True if value else None
+            elif name != "root":
+                given[name] = value
+        root = Path(self["root"]) if self["root"] else settings_module.DEFAULT_ROOT
+        try:
+            self.settings = settings_module.resolve(given, root)
+            tls.min_version_number(self.settings.min_tls)
+            if self.settings.ciphers is not None:
+                tls.tls12_suites(self.settings.ciphers)
+        except Tls4dError as e:
+            raise usage.UsageError(str(e)) from e
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)
+    """
+    Build the servers from parsed options.
+
+    Args:
+        options: Parsed `Options`.
+
+    Returns:
+        The service twistd runs.
+
+    Raises:
+        SystemExit: The root's keys, certificates or DH parameters cannot be
+            used; one line on standard error names the file and the fix.
+    """
+    from twisted_tls4d.service import build_service
+
+    try:
+        return build_service(options.settings)
+    except Tls4dError as e:
+        print(f"tls4d cannot start: {e}", file=sys.stderr)
+        raise SystemExit(1) from e
