@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
+from zope.interface import implementer
 
 from twisted_tls4d import clienttls, identity, pki, root, tls
 
@@ -79,6 +80,7 @@ def server_creator(
     return tls.ServerConnectionCreator(tls.build_context(policy, server_identity, cas))
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class RawClientCreator:
     """
     A client connection creator from a bare pyOpenSSL context, for tests
@@ -88,9 +90,11 @@ class RawClientCreator:
 
     def __init__(self, context: SSL.Context) -> None:
         self.context = context
+        self.connections: list[SSL.Connection] = []
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
         connection = SSL.Connection(self.context, None)
+        self.connections.append(connection)
         connection.set_app_data(tlsProtocol)
         connection.set_connect_state()
         return connection

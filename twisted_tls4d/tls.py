@@ -45,7 +45,14 @@ DEFAULT_CIPHERS = ":".join(
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 #: The ECDHE groups offered: X25519, P-256 and P-384 (no X448, no P-521).
-GROUPS = "X25519:P-256:P-384"
+ECDHE_GROUPS = "X25519:P-256:P-384"
+
+#: RFC 7919's finite-field groups. OpenSSL 3 negotiates the TLS 1.2 DHE suites
+#: only when the server's group list holds at least one of them; the DHE key
+#: exchange itself uses dhparams.pem.
+FFDHE_GROUPS = "ffdhe2048:ffdhe3072:ffdhe4096"
+
+GROUPS = f"{ECDHE_GROUPS}:{FFDHE_GROUPS}"
 
 _MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
