@@ -167,6 +167,10 @@ def _describe_tls_failure(reason: Failure) -> str:
     text = str(reason.value)
     if "peer did not return a certificate" in text:
         return "the client presented no certificate"
+    if "alert unknown ca" in text or "alert bad certificate" in text:
+        return "the client does not trust this server's certificate (unknown CA)"
+    if "alert certificate unknown" in text:
+        return "the client rejected this server's certificate"
     if "no shared cipher" in text or "no suitable" in text:
         return "no cipher suite or group in common"
     if "unsupported protocol" in text or "version" in text:

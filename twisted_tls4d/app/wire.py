@@ -224,7 +224,7 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         description = f"not usable JSON ({e})"
         raise FrameDecodeError(INVALID_JSON, description) from e
     if not isinstance(value, dict):
-        description = f"a JSON {_json_type(value)}, not an object"
+        description = f"{json_kind(value)}, not a JSON object"
         raise FrameDecodeError(NOT_AN_OBJECT, description)
     return value
 
@@ -240,13 +240,21 @@ def is_request_id(value: object) -> bool:
     )
 
 
-def _json_type(value: object) -> str:
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
+def json_kind(value: object) -> str:
+    """
+    Returns:
+        What kind of JSON value a decoded value is, with its article ("an
+        object", "an array", "a string", "a number", "a boolean" or "null"),
+        for messages that must not quote the value itself.
+    """
+    if value is None:
+        return "null"
     if isinstance(value, bool):
-        return "boolean"
+        return "a boolean"
     if isinstance(value, (int, float)):
-        return "number"
-    return "null"
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,334 @@
+"""
+``tls4d app OP``: call the application server from the command line and
+print the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from twisted_tls4d.app.wire import DEFAULT_PORT, encode_payload
+from twisted_tls4d.clienttls import ClientIdentity
+from twisted_tls4d.errors import ConfigurationError
+
+#: Seconds ``tls4d app`` waits for the whole exchange unless told otherwise.
+_DEFAULT_TIMEOUT = 30.0
+
+_DESCRIPTION = """\
+Connect to a tls4d application server over TLS, present a client
+certificate, make one call and print its result as JSON.
+
+The client identity is a folder written by 'tls4d client NAME --out DIR'
+(key.pem, cert.pem, ca.pem), given with --identity DIR, or the three files
+given with --key, --cert and --ca (which also override the folder's files).
+The server's certificate must be issued by a CA in the --ca file and cover
+the --host name. The options may come before or after OP.
+"""
+
+_EPILOG = """\
+examples:
+  tls4d app ping --identity alice
+  tls4d app --identity alice --port 19813 ping
+  tls4d app echo greeting=hello count=3 --identity alice
+  tls4d app echo '{"nested": {"list": [1, 2]}}' --identity alice
+  tls4d app whoami --host db.example.com --key k.pem --cert c.pem --ca ca.pem
+
+exit status: 0 with the result printed; 1 with one line on standard error
+when the connection, the TLS handshake or the call fails (an error answer
+shows its code); 2 on misuse.
+"""
+
+_ECHO_ARG_HELP = """\
+the arguments sent back: a JSON object, or KEY=VALUE pairs where VALUE is
+read as JSON when it parses as JSON (3, true, [1,2], "3") and as a string
+otherwise
+"""
+
+
+def _port(text: str) -> int:
+    """
+    Read a TCP port for argparse.
+    """
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        msg = f"{text!r} is not a TCP port; give a number from 1 to 65535"
+        raise argparse.ArgumentTypeError(msg)
+    return port
+
+
+def _seconds(text: str) -> float:
+    """
+    Read a positive number of seconds for argparse.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        msg = f"{text!r} is not a positive number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return seconds
+
+
+def _json_or_string(text: str) -> Any:
+    """
+    Returns:
+        ``text`` decoded as JSON if it is valid, finite JSON, else ``text``.
+    """
+
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+    if isinstance(value, float) and not math.isfinite(value):
+        return text
+    return value
+
+
+def parse_echo_arg(text: str) -> dict[str, Any]:
+    """
+    Read one argument of ``tls4d app echo``.
+
+    Args:
+        text: A JSON object, or ``KEY=VALUE``.
+
+    Returns:
+        The arguments it gives.
+
+    Raises:
+        argparse.ArgumentTypeError: It is neither, or the JSON is not an
+            object.
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            msg = f"{text!r} is not a valid JSON object ({e})"
+            raise argparse.ArgumentTypeError(msg) from e
+        if not isinstance(value, dict):
+            msg = f"{text!r} is not a JSON object"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+    key, equals, raw = text.partition("=")
+    if not equals or not key:
+        msg = (
+            f"{text!r} is neither KEY=VALUE nor a JSON object; write e.g. "
+            'greeting=hello or \'{"greeting": "hello"}\''
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return {key: _json_or_string(raw)}
+
+
+def _add_connection_options(
+    parser: argparse.ArgumentParser, *, with_defaults: bool
+) -> None:
+    """
+    Add the server and client-identity options to a parser.
+
+    They go on the ``app`` parser (with their defaults) and again on each
+    operation's parser without defaults, so that they may come before or
+    after the operation's name without the second parse overwriting the
+    first with a default.
+    """
+
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--host",
+        default=default("localhost"),
+        help="the server's host name or address (default: localhost)",
+    )
+    server.add_argument(
+        "--port",
+        type=_port,
+        default=default(DEFAULT_PORT),
+        help=f"the application server's port (default: {DEFAULT_PORT})",
+    )
+    server.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=default(_DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"give up after this long (default: {_DEFAULT_TIMEOUT:g})",
+    )
+    client = parser.add_argument_group("client identity")
+    client.add_argument(
+        "--identity",
+        type=Path,
+        default=default(None),
+        metavar="DIR",
+        help="a folder from 'tls4d client NAME --out DIR' with key.pem, "
+        "cert.pem and ca.pem",
+    )
+    client.add_argument(
+        "--key", type=Path, default=default(None), help="the client's PEM private key"
+    )
+    client.add_argument(
+        "--cert", type=Path, default=default(None), help="the client's PEM certificate"
+    )
+    client.add_argument(
+        "--ca",
+        type=Path,
+        default=default(None),
+        help="PEM certificates of the CA trusted to sign the server's certificate",
+    )
+
+
+def add_parser(commands: Any) -> None:
+    """
+    Add the ``app`` subcommand, with its operations, to the ``tls4d`` command.
+
+    Args:
+        commands: The subparsers object of the ``tls4d`` parser.
+    """
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "app",
+        help="call the application server (ping, echo, whoami)",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection_options(parser, with_defaults=True)
+    operations = parser.add_subparsers(
+        title="operations", metavar="OP", required=True, dest="app_op"
+    )
+
+    ping = operations.add_parser(
+        "ping",
+        help='check that the server answers; prints "pong"',
+        description='Check that the application server answers; prints "pong".',
+    )
+    _add_connection_options(ping, with_defaults=False)
+    ping.set_defaults(run=run, app_args=[])
+
+    echo = operations.add_parser(
+        "echo",
+        help="have the server send arguments back",
+        description="Send arguments to the application server, which sends "
+        "them back; prints them as JSON.",
+    )
+    echo.add_argument(
+        "app_args", nargs="*", type=parse_echo_arg, metavar="ARG", help=_ECHO_ARG_HELP
+    )
+    _add_connection_options(echo, with_defaults=False)
+    echo.set_defaults(run=run)
+
+    whoami = operations.add_parser(
+        "whoami",
+        help="show how the server sees this client's certificate",
+        description="Print the subject, common name, issuer and SHA-256 "
+        "fingerprint of the client certificate, as the server verified it.",
+    )
+    _add_connection_options(whoami, with_defaults=False)
+    whoami.set_defaults(run=run, app_args=[])
+
+
+def identity_from_args(args: argparse.Namespace) -> ClientIdentity:
+    """
+    Find the client identity the options give.
+
+    Args:
+        args: The parsed options (``identity``, ``key``, ``cert``, ``ca``).
+
+    Returns:
+        The key, certificate and CA files to use.
+
+    Raises:
+        ConfigurationError: ``--identity`` is not a folder, or a file is
+            given neither by it nor by its own option.
+    """
+    folder: Path | None = args.identity
+    base = None
+    if folder is not None:
+        if not folder.is_dir():
+            msg = (
+                f"--identity {folder} is not a folder; give the folder that "
+                "'tls4d client NAME --out DIR' wrote."
+            )
+            raise ConfigurationError(msg)
+        base = ClientIdentity.from_directory(folder)
+    key = args.key or (base.key if base else None)
+    cert = args.cert or (base.cert if base else None)
+    ca = args.ca or (base.ca if base else None)
+    if key is None or cert is None or ca is None:
+        missing = [
+            option
+            for option, value in (("--key", key), ("--cert", cert), ("--ca", ca))
+            if value is None
+        ]
+        msg = (
+            f"No client identity given ({', '.join(missing)} missing); pass "
+            "--identity DIR (a folder from 'tls4d client NAME --out DIR') or "
+            "--key, --cert and --ca."
+        )
+        raise ConfigurationError(msg)
+    return ClientIdentity(key, cert, ca)
+
+
+def call_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    Merge the operation's arguments given on the command line.
+
+    Args:
+        args: The parsed options (``app_args``, a list of dicts).
+
+    Returns:
+        One arguments object.
+
+    Raises:
+        ConfigurationError: Two arguments give the same key.
+    """
+    merged: dict[str, Any] = {}
+    for part in args.app_args:
+        for key, value in part.items():
+            if key in merged:
+                msg = f"The argument {key!r} is given twice; give each key once."
+                raise ConfigurationError(msg)
+            merged[key] = value
+    return merged
+
+
+def run(args: argparse.Namespace) -> int:
+    """
+    Make the call the options describe and print its result.
+
+    Args:
+        args: The parsed options.
+
+    Returns:
+        0; failures raise.
+
+    Raises:
+        ConfigurationError: The options are incomplete or inconsistent, or the
+            arguments cannot be encoded as JSON.
+        AppError: The server answered with an error.
+        AppConnectionError: The connection or the TLS handshake failed, or the
+            server did not answer within ``--timeout``.
+        PEMError: An identity file is unusable.
+    """
+    from twisted_tls4d.app.client import blocking_call
+
+    identity = identity_from_args(args)
+    call_args = call_arguments(args)
+    try:
+        encode_payload({"args": call_args})
+    except ValueError as e:
+        msg = f"The arguments cannot be sent as JSON: {e}"
+        raise ConfigurationError(msg) from e
+    result = blocking_call(
+        args.host, args.port, identity, args.app_op, call_args, timeout=args.timeout
+    )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
