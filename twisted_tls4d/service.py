@@ -237,8 +237,13 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             on_listening=https_bound,
         )
         if not settings.no_http:
-            label = "HTTP (redirects to HTTPS)" if redirect else "HTTP web server"
-            add("http", label, settings.http_port, http_site)
+            add("http", "HTTP web server", settings.http_port, http_site)
+        if redirect is not None:
+            _log.info(
+                "HSTS on: HTTPS answers carry max-age={max_age}; plain HTTP "
+                "redirects to HTTPS",
+                max_age=settings.hsts_max_age,
+            )
 
     if settings.app:
         from twisted_tls4d.app.protocol import AppServerFactory

@@ -1,0 +1,425 @@
+"""
+End-to-end tests: the real ``twistd -n tls4d`` on loopback ports, driven by
+curl, ``openssl s_client`` and the project's own ``tls4d`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from twisted_tls4d import pki
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+#: How long a server may take to start, or a client to answer, in seconds.
+DEADLINE = 30
+
+
+def _twistd() -> str:
+    beside = Path(sys.executable).parent / "twistd"
+    found = str(beside) if beside.exists() else shutil.which("twistd")
+    if found is None:
+        raise unittest.SkipTest("twistd is not installed")
+    return found
+
+
+def _environment() -> dict[str, str]:
+    """The environment of the processes run here: this repository first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPOSITORY), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    return env
+
+
+class Server:
+    """
+    A ``twistd -n tls4d`` process on 127.0.0.1 with every port 0, whose log
+    is collected as it runs.
+    """
+
+    def __init__(self, root: Path, *arguments: str) -> None:
+        self.root = root
+        command = [
+            _twistd(),
+            "-n",
+            "--pidfile=",
+            "tls4d",
+            "--root",
+            str(root),
+            "--interface",
+            "127.0.0.1",
+            "--https-port",
+            "0",
+            "--http-port",
+            "0",
+            "--app-port",
+            "0",
+            "--sql-port",
+            "0",
+            *arguments,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=_environment(),
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, deadline: float = DEADLINE) -> re.Match[str]:
+        """
+        Returns:
+            The first match of ``pattern`` in the log, waiting for it.
+
+        Raises:
+            AssertionError: It did not appear in time, or the server ended.
+        """
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            found = re.search(pattern, self.log)
+            if found:
+                return found
+            if self.process.poll() is not None:
+                self._reader.join(5)
+                found = re.search(pattern, self.log)
+                if found:
+                    return found
+                msg = f"twistd ended ({self.process.returncode}):\n{self.log}"
+                raise AssertionError(msg)
+            time.sleep(0.05)
+        msg = f"{pattern!r} not logged within {deadline} s:\n{self.log}"
+        raise AssertionError(msg)
+
+    def port(self, label: str) -> int:
+        """
+        Returns:
+            The port the listener ``label`` logged it is listening on.
+        """
+        found = self.wait_for(re.escape(label) + r" listening on 127\.0\.0\.1:(\d+)")
+        return int(found.group(1))
+
+    def stop(self) -> None:
+        """Stop the server and wait for it to end."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+
+
+def _run(*command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env=_environment(),
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def _tls4d(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return _run(sys.executable, "-m", "twisted_tls4d.cli", *arguments)
+
+
+def _s_client(port: int, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Connect with ``openssl s_client``, send nothing, and report what happened."""
+    return _run(
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-servername",
+        "localhost",
+        *arguments,
+        input="",
+    )
+
+
+class AllServersTests(unittest.TestCase):
+    """
+    A twistd runs the three servers of a new root; real clients use them.
+    """
+
+    def setUp(self) -> None:
+        for tool in ("curl", "openssl"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed")
+        self.folder = Path(tempfile.mkdtemp(prefix="tls4d-e2e-"))
+        self.server = Server(self.folder / "root", "--web", "--app", "--sql", "--hsts")
+        self.addCleanup(self.server.stop)
+        for label in ("HTTPS web server", "HTTP web server", "Application server", "SQL server"):
+            self.server.port(label)
+        result = _tls4d(
+            "client", "alice", "--root", str(self.root), "--out", str(self.folder / "alice")
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    @property
+    def root(self) -> Path:
+        return self.folder / "root"
+
+    def test_first_start_logged(self) -> None:
+        """The first start logs each file it creates and the generated-certificate warning."""
+        for name in ("Resources/ca.pem", "Resources/ca-key.pem", "key.pem", "cert.pem",
+                     "Resources/key.pem", "Resources/cert.pem", "dhparams.pem"):
+            self.assertIn(f"created", self.server.log)
+            self.assertIn(str(self.root / name), self.server.log)
+        self.assertIn("install one issued by a public or company CA", self.server.log)
+        self.assertNotIn("PRIVATE KEY", self.server.log)
+
+    def test_curl_start_page(self) -> None:
+        """curl trusting Resources/ca.pem gets the start page over HTTPS, with HSTS."""
+        port = self.server.port("HTTPS web server")
+        result = _run(
+            "curl", "--silent", "--show-error", "--include", "--max-time", "10",
+            "--cacert", str(self.root / "Resources" / "ca.pem"),
+            f"https://localhost:{port}/",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("tls4d is serving this root", result.stdout)
+        self.assertIn("strict-transport-security: max-age=63072000", result.stdout.lower())
+
+    def test_http_redirects(self) -> None:
+        """Plain HTTP answers 301 to the HTTPS port."""
+        result = _run(
+            "curl", "--silent", "--include", "--max-time", "10",
+            f"http://localhost:{self.server.port('HTTP web server')}/page?q=1",
+        )
+        https = self.server.port("HTTPS web server")
+        self.assertIn("301 Moved Permanently", result.stdout)
+        self.assertIn(f"location: https://localhost:{https}/page?q=1", result.stdout.lower())
+
+    def test_tls_versions(self) -> None:
+        """openssl s_client gets TLS 1.2 and 1.3, and is refused with TLS 1.1."""
+        port = self.server.port("HTTPS web server")
+        ca = str(self.root / "Resources" / "ca.pem")
+        for flag, version in (("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")):
+            result = _s_client(port, flag, "-CAfile", ca, "-verify_return_error")
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertRegex(result.stdout, rf"New, {version}, Cipher is")
+            self.assertIn("Verify return code: 0 (ok)", result.stdout)
+        old = _s_client(port, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+        self.assertNotEqual(old.returncode, 0)
+        self.assertNotIn("New, TLSv1.1", old.stdout)
+
+    def test_no_non_forward_secret_suite(self) -> None:
+        """openssl s_client offering only RSA key exchange is refused."""
+        port = self.server.port("HTTPS web server")
+        result = _s_client(port, "-tls1_2", "-cipher", "AES128-GCM-SHA256:AES256-GCM-SHA384")
+        self.assertNotEqual(result.returncode, 0)
+
+    def test_app_whoami(self) -> None:
+        """The tls4d app command's whoami shows alice's subject and fingerprint."""
+        port = self.server.port("Application server")
+        identity = self.folder / "alice"
+        result = _tls4d(
+            "app", "--identity", str(identity), "--host", "localhost", "--port", str(port), "whoami"
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        answer = json.loads(result.stdout)
+        certificate = pki.load_certificates(identity / "cert.pem")[0]
+        self.assertIn("CN=alice", json.dumps(answer))
+        self.assertIn(pki.fingerprint_sha256(certificate).replace(":", "").lower(),
+                      json.dumps(answer).replace(":", "").lower())
+
+    def test_app_ping_and_echo(self) -> None:
+        """ping answers pong and echo returns its arguments."""
+        port = str(self.server.port("Application server"))
+        identity = str(self.folder / "alice")
+        ping = _tls4d("app", "--identity", identity, "--port", port, "ping")
+        self.assertEqual(ping.returncode, 0, ping.stderr)
+        self.assertEqual(json.loads(ping.stdout), "pong")
+        echo = _tls4d("app", "--identity", identity, "--port", port, "echo", '{"a": [1, "b"]}')
+        self.assertEqual(echo.returncode, 0, echo.stderr)
+        self.assertEqual(json.loads(echo.stdout), {"a": [1, "b"]})
+
+    def test_app_refuses_no_certificate(self) -> None:
+        """A client without a certificate is refused, and the log says why."""
+        port = self.server.port("Application server")
+        result = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
+        self.assertNotIn("CONNECTED(00000003)\n---\nhello", result.stdout)
+        self.server.wait_for(
+            r"application server: refused TLS handshake from 127\.0\.0\.1:\d+: "
+            r"the client presented no certificate"
+        )
+
+    def test_app_refuses_foreign_certificate(self) -> None:
+        """A client whose certificate comes from another CA is refused, and the log says why."""
+        other = Path(tempfile.mkdtemp(prefix="tls4d-e2e-other-"))
+        other_server = Server(other / "root", "--app")
+        try:
+            other_server.port("Application server")
+            made = _tls4d("client", "mallory", "--root", str(other / "root"), "--out", str(other / "mallory"))
+            self.assertEqual(made.returncode, 0, made.stderr)
+        finally:
+            other_server.stop()
+        result = _tls4d(
+            "app",
+            "--key", str(other / "mallory" / "key.pem"),
+            "--cert", str(other / "mallory" / "cert.pem"),
+            "--ca", str(self.root / "Resources" / "ca.pem"),
+            "--port", str(self.server.port("Application server")),
+            "ping",
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.server.wait_for(
+            r"application server: refused TLS handshake from 127\.0\.0\.1:\d+: "
+            r"its certificate was issued by a CA that Resources/ca\.pem does not hold"
+        )
+
+    def test_sql_session(self) -> None:
+        """tls4d sql creates a table, inserts, selects, and reports an error."""
+        port = str(self.server.port("SQL server"))
+        identity = str(self.folder / "alice")
+
+        def sql(*statements: str) -> subprocess.CompletedProcess[str]:
+            arguments = []
+            for statement in statements:
+                arguments += ["--execute", statement]
+            return _tls4d("sql", "--identity", identity, "--port", port, *arguments)
+
+        made = sql("CREATE TABLE fruit (id INTEGER PRIMARY KEY, name TEXT)",
+                   "INSERT INTO fruit (name) VALUES ('apple'), ('pear')")
+        self.assertEqual(made.returncode, 0, made.stdout + made.stderr)
+        selected = sql("SELECT id, name FROM fruit ORDER BY id")
+        self.assertEqual(selected.returncode, 0, selected.stderr)
+        self.assertRegex(selected.stdout, r"id\s*\|\s*name")
+        self.assertRegex(selected.stdout, r"1\s*\|\s*apple")
+        self.assertRegex(selected.stdout, r"2\s*\|\s*pear")
+        failed = sql("SELECT x FROM nowhere")
+        self.assertEqual(failed.returncode, 1)
+        self.assertIn("no such table: nowhere", failed.stdout + failed.stderr)
+        self.assertTrue((self.root / "Data" / "tls4d.sqlite").exists())
+
+    def test_sql_refuses_no_certificate(self) -> None:
+        """The SQL server refuses a client without a certificate and logs why."""
+        port = self.server.port("SQL server")
+        _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
+        self.server.wait_for(
+            r"SQL server: refused TLS handshake from 127\.0\.0\.1:\d+: "
+            r"the client presented no certificate"
+        )
+
+
+class StartTests(unittest.TestCase):
+    """
+    Starting and restarting twistd on a root.
+    """
+
+    def setUp(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="tls4d-e2e-start-"))
+        self.root = self.folder / "root"
+
+    def start(self, *arguments: str) -> Server:
+        server = Server(self.root, *arguments)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_second_start_regenerates_nothing(self) -> None:
+        """A second start logs no creation and leaves every key and certificate as it was."""
+        first = self.start("--web")
+        first.port("HTTPS web server")
+        first.stop()
+        files = ["key.pem", "cert.pem", "dhparams.pem", "Resources/ca.pem",
+                 "Resources/ca-key.pem", "Resources/key.pem", "Resources/cert.pem"]
+        before = {name: (self.root / name).read_bytes() for name in files}
+        second = self.start("--web")
+        second.port("HTTPS web server")
+        self.assertNotIn("First start", second.log)
+        self.assertEqual({name: (self.root / name).read_bytes() for name in files}, before)
+
+    def test_one_server_only(self) -> None:
+        """--sql starts the SQL server and no other listener."""
+        server = self.start("--sql")
+        server.port("SQL server")
+        server.wait_for(r"Main loop|starting up")
+        self.assertNotIn("web server listening", server.log)
+        self.assertNotIn("Application server listening", server.log)
+
+    def test_mismatched_key_stops_start(self) -> None:
+        """A certificate that does not match its key stops the start with one clear line."""
+        first = self.start("--web")
+        first.port("HTTPS web server")
+        first.stop()
+        shutil.copy(self.root / "Resources" / "key.pem", self.root / "key.pem")
+        result = _run(_twistd(), "-n", "--pidfile=", "tls4d", "--root", str(self.root))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(
+            f"{self.root / 'cert.pem'} does not match {self.root / 'key.pem'}",
+            result.stdout + result.stderr,
+        )
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_min_tls_13(self) -> None:
+        """With --min-tls 1.3, a TLS 1.2 client is refused and a TLS 1.3 one served."""
+        if shutil.which("openssl") is None:
+            raise unittest.SkipTest("openssl is not installed")
+        server = self.start("--web", "--min-tls", "1.3")
+        port = server.port("HTTPS web server")
+        self.assertNotEqual(_s_client(port, "-tls1_2").returncode, 0)
+        modern = _s_client(port, "-tls1_3")
+        self.assertIn("New, TLSv1.3, Cipher is", modern.stdout)
+
+
+class PluginTests(unittest.TestCase):
+    """
+    twistd finds the tls4d plugin of the installed package.
+    """
+
+    def test_listed_from_installed_package(self) -> None:
+        """
+        Outside the repository and without PYTHONPATH, ``twistd --help`` lists
+        tls4d, and ``twisted_tls4d`` is imported from the installation.
+        """
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        where = subprocess.run(
+            [sys.executable, "-c", "import twisted_tls4d; print(twisted_tls4d.__file__)"],
+            capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env,
+        )
+        if where.returncode != 0 or str(REPOSITORY) in where.stdout:
+            raise unittest.SkipTest("twisted_tls4d is not installed (non-editable) here")
+        result = subprocess.run(
+            [_twistd(), "--help"], capture_output=True, text=True,
+            cwd=tempfile.gettempdir(), env=env, timeout=DEADLINE,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"\n\s+tls4d\s+The web, application and SQL servers")
+
+    def test_listed_from_source(self) -> None:
+        """With the repository on the path, ``twistd tls4d --help`` explains the options."""
+        result = _run(_twistd(), "tls4d", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--web", "--app", "--sql", "--root", "--interface", "--min-tls",
+                       "--ciphers", "--hsts", "--https-port"):
+            self.assertIn(option, result.stdout)

@@ -1,0 +1,486 @@
+"""
+A Twisted client of the SQL server: connect with a client identity, send
+statements, get their results, and format results as text tables.
+
+    client = await connect(reactor, "localhost", 19812, identity)
+    result = await client.execute("SELECT id, name FROM people")
+    print(format_table(result))
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionDone, TimeoutError
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from twisted_tls4d.clienttls import ClientIdentity, client_options
+from twisted_tls4d.errors import Tls4dError
+from twisted_tls4d.sql import wire
+from twisted_tls4d.sql.wire import Value
+
+#: Seconds to wait for the TCP connection, then again for the server's greeting.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+#: The longest line accepted from the server (one row), in bytes.
+MAX_ANSWER_LINE = 64 * 1024 * 1024
+
+
+class SQLError(Tls4dError):
+    """
+    The server refused or failed a statement; the session goes on.
+
+    Attributes:
+        message: The server's message (SQLite's, for an SQL error).
+        code: The protocol's error code: ``sql``, ``encoding``,
+            ``line_too_long``, ``internal`` or ``shutdown``.
+        sqlite_code: SQLite's extended result code, if the server sent it.
+        sqlite_name: SQLite's name for it, e.g. ``SQLITE_CONSTRAINT_UNIQUE``.
+        in_transaction: Whether the session still has a transaction open,
+            if the server said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: str = wire.ERROR_SQL,
+        sqlite_code: int | None = None,
+        sqlite_name: str | None = None,
+        in_transaction: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.sqlite_code = sqlite_code
+        self.sqlite_name = sqlite_name
+        self.in_transaction = in_transaction
+
+
+class SQLConnectionError(Tls4dError):
+    """
+    The connection to the SQL server could not be made, was refused during
+    the TLS handshake, broke the protocol, or was lost.
+    """
+
+
+@attrs.frozen
+class Result:
+    """
+    The answer to one successful statement.
+
+    Attributes:
+        columns: The result's column names; empty for a statement that
+            returns no result set (``INSERT``, ``CREATE TABLE``...).
+        rows: The rows, each a tuple of ``int``, ``float``, ``str``, ``bytes``
+            or None.
+        row_count: How many rows the server sent.
+        changes: How many rows an ``INSERT``, ``UPDATE`` or ``DELETE``
+            changed; None for other statements.
+        in_transaction: Whether the session has a transaction open (after a
+            ``BEGIN`` not yet committed or rolled back).
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Value, ...], ...]
+    row_count: int
+    changes: int | None = None
+    in_transaction: bool = False
+
+
+class _Pending:
+    """
+    A statement sent whose answer is still arriving.
+    """
+
+    def __init__(self) -> None:
+        self.deferred: defer.Deferred[Result] = defer.Deferred()
+        self.columns: tuple[str, ...] = ()
+        self.rows: list[tuple[Value, ...]] = []
+
+
+class _SQLClientProtocol(LineReceiver):
+    """
+    The client side of the line protocol: matches each answer to the
+    statement it answers, in order.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_ANSWER_LINE
+    #: The TLS transport; typed loosely, as zope interfaces confuse mypy.
+    transport: Any
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.greeted: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.lost: Failure | None = None
+        self._broken = False
+
+    def send(self, data: bytes) -> defer.Deferred[Result]:
+        """
+        Send one encoded statement line.
+
+        Returns:
+            A Deferred for its answer.
+        """
+        pending = _Pending()
+        self.pending.append(pending)
+        self.transport.write(data)
+        return pending.deferred
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Parse one line of the server, unless it already broke the protocol.
+        """
+        if self._broken:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            self._message_received(wire.decode_line(line))
+        except wire.WireFormatError as e:
+            self._violation(str(e))
+
+    def _message_received(self, message: dict[str, Any] | list[Any]) -> None:
+        """
+        Take the greeting, then add each row, header or status to the answer
+        of the oldest statement waiting.
+
+        Raises:
+            WireFormatError: A cell is not a value of this protocol version.
+        """
+        if not self.greeted.called:
+            if not isinstance(message, dict) or not isinstance(
+                message.get("hello"), dict
+            ):
+                self._violation(
+                    f"The server at {self.where} did not greet as a tls4d SQL server."
+                )
+                return
+            version = message["hello"].get("protocol")
+            if version != wire.PROTOCOL_VERSION:
+                self._violation(
+                    f"The server at {self.where} speaks SQL protocol {version!r}; "
+                    f"this client speaks {wire.PROTOCOL_VERSION}."
+                )
+                return
+            self.greeted.callback(message["hello"])
+            return
+        if not self.pending:
+            if isinstance(message, dict) and message.get("ok") is False:
+                # An error nobody asked for, sent before the server closes.
+                self.lost = Failure(SQLConnectionError(_error_text(message)))
+            return
+        current = self.pending[0]
+        if isinstance(message, list):
+            current.rows.append(tuple(wire.decode_value(cell) for cell in message))
+        elif "ok" in message:
+            self.pending.popleft()
+            _finish(current, message)
+        elif isinstance(message.get("columns"), list):
+            current.columns = tuple(str(name) for name in message["columns"])
+        # Other messages are for later versions of the protocol: skip them.
+
+    def _violation(self, why: str) -> None:
+        """
+        Close a connection whose server broke the protocol; whatever waits
+        fails with ``why``.
+        """
+        self._broken = True
+        self.lost = Failure(SQLConnectionError(why))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Treat a line over `MAX_ANSWER_LINE` as a broken protocol.
+        """
+        self._violation(
+            f"The server at {self.where} sent a line longer than this client's "
+            f"limit of {self.MAX_LENGTH} bytes."
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        """
+        Fail the greeting and every statement still waiting.
+        """
+        if self.lost is None:
+            self.lost = Failure(SQLConnectionError(_describe_loss(self.where, reason)))
+        if not self.greeted.called:
+            self.greeted.errback(self.lost)
+        pending, self.pending = self.pending, collections.deque()
+        for each in pending:
+            each.deferred.errback(self.lost)
+        self.closed.callback(None)
+
+
+def _error_text(message: dict[str, Any]) -> str:
+    """
+    Returns:
+        The message of an error status.
+    """
+    error = message.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return f"The server reported an error without a message: {message!r}"
+
+
+def _finish(pending: _Pending, status: dict[str, Any]) -> None:
+    """
+    Fire a statement's Deferred with its result or its `SQLError`.
+    """
+    in_transaction = status.get("in_transaction")
+    if status["ok"] is True:
+        rows = tuple(pending.rows)
+        changes = status.get("changes")
+        pending.deferred.callback(
+            Result(
+                columns=pending.columns,
+                rows=rows,
+                row_count=len(rows),
+                changes=changes if isinstance(changes, int) else None,
+                in_transaction=bool(in_transaction),
+            )
+        )
+        return
+    error = status.get("error")
+    error = error if isinstance(error, dict) else {}
+    pending.deferred.errback(
+        SQLError(
+            _error_text(status),
+            code=str(error.get("code", wire.ERROR_SQL)),
+            sqlite_code=error.get("sqlite_code"),
+            sqlite_name=error.get("sqlite_name"),
+            in_transaction=in_transaction if isinstance(in_transaction, bool) else None,
+        )
+    )
+
+
+def _describe_loss(where: str, reason: Failure) -> str:
+    """
+    Turn the reason a connection ended into a sentence for the user.
+    """
+    if reason.check(SSL.Error):
+        text = str(reason.value)
+        if "certificate verify failed" in text:
+            return (
+                f"The TLS handshake with {where} failed: the server's "
+                "certificate is not signed by the CA in the client's ca.pem."
+            )
+        if (
+            "certificate required" in text
+            or "unknown ca" in text
+            or "bad certificate" in text
+        ):
+            return (
+                f"The SQL server at {where} refused this client's certificate "
+                f"({text}); use an identity from 'tls4d client' for that server's root."
+            )
+        return f"The TLS connection to {where} failed: {text}"
+    if reason.check(ConnectionDone):
+        return f"The SQL server at {where} closed the connection."
+    if reason.check(VerificationError):
+        return (
+            f"The TLS handshake with {where} failed: the server's certificate "
+            "does not cover that host name; connect with a name it was issued for."
+        )
+    text = str(reason.value) or repr(reason.value)
+    return f"The connection to the SQL server at {where} was lost: {text}"
+
+
+class SQLClient:
+    """
+    A session with the SQL server. Statements may be sent without waiting:
+    the server runs them in order and their results come back in order.
+
+    Attributes:
+        greeting: What the server said of itself (``server``, ``protocol``,
+            and ``client``: the name the server knows this client by).
+    """
+
+    def __init__(self, protocol: _SQLClientProtocol, greeting: dict[str, Any]) -> None:
+        self._protocol = protocol
+        self.greeting = greeting
+
+    def execute(self, statement: str) -> defer.Deferred[Result]:
+        """
+        Run one SQL statement in this session.
+
+        Args:
+            statement: One statement, on one line.
+
+        Returns:
+            A Deferred firing with the `Result`, or failing with `SQLError`
+            if the server refused or failed the statement, with
+            `SQLConnectionError` if the connection is lost before the answer,
+            or with ``ValueError`` if the statement is empty or spans lines
+            (this version of the protocol sends one statement a line).
+        """
+        if "\n" in statement or "\r" in statement:
+            msg = (
+                f"The statement {statement[:40]!r}... spans several lines; the SQL "
+                "protocol takes one statement a line, so join its lines first."
+            )
+            return defer.fail(ValueError(msg))
+        if not statement.strip():
+            msg = "The statement is empty; the server ignores empty lines."
+            return defer.fail(ValueError(msg))
+        try:
+            data = statement.encode("utf-8") + wire.LINE_END
+        except UnicodeEncodeError as e:
+            msg = (
+                f"The statement {statement[:40]!r} holds a lone surrogate at "
+                f"offset {e.start}, which UTF-8 cannot encode."
+            )
+            return defer.fail(ValueError(msg))
+        if self._protocol.lost is not None:
+            return defer.fail(self._protocol.lost)
+        return self._protocol.send(data)
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        End the session; the server rolls back a transaction left open.
+
+        Returns:
+            A Deferred firing once the connection is closed.
+        """
+        if self._protocol.lost is None:
+            self._protocol.lost = Failure(
+                SQLConnectionError("The SQL client was closed.")
+            )
+            self._protocol.transport.loseConnection()
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._protocol.closed.addCallback(closed.callback)
+        return closed
+
+
+def connect(
+    reactor: Any,
+    host: str,
+    port: int,
+    identity: ClientIdentity,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> defer.Deferred[SQLClient]:
+    """
+    Connect to a tls4d SQL server, present the client certificate, verify
+    the server's certificate against the identity's CA and host name, and
+    wait for the server's greeting.
+
+    Args:
+        reactor: The reactor (TCP, time and core).
+        host: The server's host name or IP address, which its certificate
+            must cover.
+        port: The server's port.
+        identity: The client's key, certificate and trusted CA.
+        timeout: Seconds to wait for the connection and for the greeting.
+
+    Returns:
+        A Deferred firing with the `SQLClient`, or failing with
+        `SQLConnectionError` (no connection, TLS refused either way, not a
+        tls4d SQL server) or `twisted_tls4d.errors.PEMError` (the identity's
+        files are unusable).
+    """
+    return defer.ensureDeferred(_connect(reactor, host, port, identity, timeout))
+
+
+async def _connect(
+    reactor: Any, host: str, port: int, identity: ClientIdentity, timeout: float
+) -> SQLClient:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    options = client_options(host, identity)
+    tcp: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: Any = wrapClientTLS(options, tcp)
+    try:
+        protocol = await endpoint.connect(
+            Factory.forProtocol(lambda: _SQLClientProtocol(where))
+        )
+    except (ConnectError, OSError) as e:
+        msg = (
+            f"Cannot connect to the SQL server at {where} ({str(e).rstrip('.')}); "
+            "check that the server runs with its SQL listener on that port."
+        )
+        raise SQLConnectionError(msg) from e
+    try:
+        greeting = await protocol.greeted.addTimeout(timeout, reactor)
+    except TimeoutError as e:
+        protocol.transport.abortConnection()
+        msg = (
+            f"The server at {where} sent no greeting within {timeout:g} s; "
+            "is it a tls4d SQL server?"
+        )
+        raise SQLConnectionError(msg) from e
+    return SQLClient(protocol, greeting)
+
+
+def _cell_text(value: Value) -> str:
+    """
+    Returns:
+        How a cell shows in a table: NULL, X'hex' for a BLOB, control
+        characters escaped.
+    """
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        return f"X'{value.hex().upper()}'"
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    return (
+        text.replace("\\", "\\\\")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+
+
+def format_table(result: Result) -> str:
+    """
+    Args:
+        result: A statement's result.
+
+    Returns:
+        For a result set, a text table: the column names, a rule, one line a
+        row (numbers aligned right), and the row count; for other
+        statements, ``OK`` and the number of rows changed, if any. No
+        trailing newline.
+    """
+    if not result.columns:
+        if result.changes is None:
+            return "OK"
+        plural = "" if result.changes == 1 else "s"
+        return f"OK, {result.changes} row{plural} changed"
+    cells = [[_cell_text(v) for v in row] for row in result.rows]
+    widths = [len(name) for name in result.columns]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in result.rows)
+        and any(row[i] is not None for row in result.rows)
+        for i in range(len(result.columns))
+    ]
+    lines = [
+        " | ".join(
+            name.ljust(w) for name, w in zip(result.columns, widths, strict=True)
+        ).rstrip()
+    ]
+    lines.append("-+-".join("-" * w for w in widths))
+    for row in cells:
+        lines.append(
+            " | ".join(
+                text.rjust(w) if numeric[i] else text.ljust(w)
+                for i, (text, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+    plural = "" if result.row_count == 1 else "s"
+    lines.append(f"({result.row_count} row{plural})")
+    return "\n".join(lines)
