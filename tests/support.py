@@ -18,7 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from zope.interface import implementer
 
-from twisted_tls4d import clienttls, identity, pki, root, tls
+from twisted_tls4d import clienttls, identity, root, tls
 
 
 def make_root(hostname: str = "testhost") -> root.RootLayout:
@@ -32,7 +32,9 @@ def make_root(hostname: str = "testhost") -> root.RootLayout:
     return layout
 
 
-def make_client_identity(layout: root.RootLayout, name: str = "alice") -> clienttls.ClientIdentity:
+def make_client_identity(
+    layout: root.RootLayout, name: str = "alice"
+) -> clienttls.ClientIdentity:
     """
     Returns:
         A client identity for ``name`` signed by the root's CA, in a new
@@ -51,7 +53,9 @@ def make_foreign_identity(name: str = "mallory") -> clienttls.ClientIdentity:
     return make_client_identity(make_root("elsewhere"), name)
 
 
-def trusting(identity: clienttls.ClientIdentity, layout: root.RootLayout) -> clienttls.ClientIdentity:
+def trusting(
+    identity: clienttls.ClientIdentity, layout: root.RootLayout
+) -> clienttls.ClientIdentity:
     """
     Returns:
         ``identity`` made to trust ``layout``'s CA for the server, whoever
@@ -117,7 +121,9 @@ def connect_in_memory(
         bytes between them (call ``pump.flush()`` after writing).
     """
     clock = clock or Clock()
-    server_tls_factory = TLSMemoryBIOFactory(creator, False, server_factory, clock=clock)
+    server_tls_factory = TLSMemoryBIOFactory(
+        creator, False, server_factory, clock=clock
+    )
     client_tls_factory = TLSMemoryBIOFactory(
         client_tls, True, Factory.forProtocol(lambda: client_protocol), clock=clock
     )

@@ -177,10 +177,20 @@ class AllServersTests(unittest.TestCase):
         self.folder = Path(tempfile.mkdtemp(prefix="tls4d-e2e-"))
         self.server = Server(self.folder / "root", "--web", "--app", "--sql", "--hsts")
         self.addCleanup(self.server.stop)
-        for label in ("HTTPS web server", "HTTP web server", "Application server", "SQL server"):
+        for label in (
+            "HTTPS web server",
+            "HTTP web server",
+            "Application server",
+            "SQL server",
+        ):
             self.server.port(label)
         result = _tls4d(
-            "client", "alice", "--root", str(self.root), "--out", str(self.folder / "alice")
+            "client",
+            "alice",
+            "--root",
+            str(self.root),
+            "--out",
+            str(self.folder / "alice"),
         )
         self.assertEqual(result.returncode, 0, result.stderr)
 
@@ -189,10 +199,17 @@ class AllServersTests(unittest.TestCase):
         return self.folder / "root"
 
     def test_first_start_logged(self) -> None:
-        """The first start logs each file it creates and the generated-certificate warning."""
-        for name in ("Resources/ca.pem", "Resources/ca-key.pem", "key.pem", "cert.pem",
-                     "Resources/key.pem", "Resources/cert.pem", "dhparams.pem"):
-            self.assertIn(f"created", self.server.log)
+        """The first start logs each file it creates and warns of its certificates."""
+        for name in (
+            "Resources/ca.pem",
+            "Resources/ca-key.pem",
+            "key.pem",
+            "cert.pem",
+            "Resources/key.pem",
+            "Resources/cert.pem",
+            "dhparams.pem",
+        ):
+            self.assertIn("created", self.server.log)
             self.assertIn(str(self.root / name), self.server.log)
         self.assertIn("install one issued by a public or company CA", self.server.log)
         self.assertNotIn("PRIVATE KEY", self.server.log)
@@ -201,23 +218,37 @@ class AllServersTests(unittest.TestCase):
         """curl trusting Resources/ca.pem gets the start page over HTTPS, with HSTS."""
         port = self.server.port("HTTPS web server")
         result = _run(
-            "curl", "--silent", "--show-error", "--include", "--max-time", "10",
-            "--cacert", str(self.root / "Resources" / "ca.pem"),
+            "curl",
+            "--silent",
+            "--show-error",
+            "--include",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(self.root / "Resources" / "ca.pem"),
             f"https://localhost:{port}/",
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("tls4d is serving this root", result.stdout)
-        self.assertIn("strict-transport-security: max-age=63072000", result.stdout.lower())
+        self.assertIn(
+            "strict-transport-security: max-age=63072000", result.stdout.lower()
+        )
 
     def test_http_redirects(self) -> None:
         """Plain HTTP answers 301 to the HTTPS port."""
         result = _run(
-            "curl", "--silent", "--include", "--max-time", "10",
+            "curl",
+            "--silent",
+            "--include",
+            "--max-time",
+            "10",
             f"http://localhost:{self.server.port('HTTP web server')}/page?q=1",
         )
         https = self.server.port("HTTPS web server")
         self.assertIn("301 Moved Permanently", result.stdout)
-        self.assertIn(f"location: https://localhost:{https}/page?q=1", result.stdout.lower())
+        self.assertIn(
+            f"location: https://localhost:{https}/page?q=1", result.stdout.lower()
+        )
 
     def test_tls_versions(self) -> None:
         """openssl s_client gets TLS 1.2 and 1.3, and is refused with TLS 1.1."""
@@ -235,7 +266,9 @@ class AllServersTests(unittest.TestCase):
     def test_no_non_forward_secret_suite(self) -> None:
         """openssl s_client offering only RSA key exchange is refused."""
         port = self.server.port("HTTPS web server")
-        result = _s_client(port, "-tls1_2", "-cipher", "AES128-GCM-SHA256:AES256-GCM-SHA384")
+        result = _s_client(
+            port, "-tls1_2", "-cipher", "AES128-GCM-SHA256:AES256-GCM-SHA384"
+        )
         self.assertNotEqual(result.returncode, 0)
 
     def test_app_whoami(self) -> None:
@@ -243,14 +276,23 @@ class AllServersTests(unittest.TestCase):
         port = self.server.port("Application server")
         identity = self.folder / "alice"
         result = _tls4d(
-            "app", "--identity", str(identity), "--host", "localhost", "--port", str(port), "whoami"
+            "app",
+            "--identity",
+            str(identity),
+            "--host",
+            "localhost",
+            "--port",
+            str(port),
+            "whoami",
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         answer = json.loads(result.stdout)
         certificate = pki.load_certificates(identity / "cert.pem")[0]
         self.assertIn("CN=alice", json.dumps(answer))
-        self.assertIn(pki.fingerprint_sha256(certificate).replace(":", "").lower(),
-                      json.dumps(answer).replace(":", "").lower())
+        self.assertIn(
+            pki.fingerprint_sha256(certificate).replace(":", "").lower(),
+            json.dumps(answer).replace(":", "").lower(),
+        )
 
     def test_app_ping_and_echo(self) -> None:
         """ping answers pong and echo returns its arguments."""
@@ -259,7 +301,9 @@ class AllServersTests(unittest.TestCase):
         ping = _tls4d("app", "--identity", identity, "--port", port, "ping")
         self.assertEqual(ping.returncode, 0, ping.stderr)
         self.assertEqual(json.loads(ping.stdout), "pong")
-        echo = _tls4d("app", "--identity", identity, "--port", port, "echo", '{"a": [1, "b"]}')
+        echo = _tls4d(
+            "app", "--identity", identity, "--port", port, "echo", '{"a": [1, "b"]}'
+        )
         self.assertEqual(echo.returncode, 0, echo.stderr)
         self.assertEqual(json.loads(echo.stdout), {"a": [1, "b"]})
 
@@ -274,21 +318,32 @@ class AllServersTests(unittest.TestCase):
         )
 
     def test_app_refuses_foreign_certificate(self) -> None:
-        """A client whose certificate comes from another CA is refused, and the log says why."""
+        """A client certified by another CA is refused, and the log says why."""
         other = Path(tempfile.mkdtemp(prefix="tls4d-e2e-other-"))
         other_server = Server(other / "root", "--app")
         try:
             other_server.port("Application server")
-            made = _tls4d("client", "mallory", "--root", str(other / "root"), "--out", str(other / "mallory"))
+            made = _tls4d(
+                "client",
+                "mallory",
+                "--root",
+                str(other / "root"),
+                "--out",
+                str(other / "mallory"),
+            )
             self.assertEqual(made.returncode, 0, made.stderr)
         finally:
             other_server.stop()
         result = _tls4d(
             "app",
-            "--key", str(other / "mallory" / "key.pem"),
-            "--cert", str(other / "mallory" / "cert.pem"),
-            "--ca", str(self.root / "Resources" / "ca.pem"),
-            "--port", str(self.server.port("Application server")),
+            "--key",
+            str(other / "mallory" / "key.pem"),
+            "--cert",
+            str(other / "mallory" / "cert.pem"),
+            "--ca",
+            str(self.root / "Resources" / "ca.pem"),
+            "--port",
+            str(self.server.port("Application server")),
             "ping",
         )
         self.assertEqual(result.returncode, 1)
@@ -309,8 +364,10 @@ class AllServersTests(unittest.TestCase):
                 arguments += ["--execute", statement]
             return _tls4d("sql", "--identity", identity, "--port", port, *arguments)
 
-        made = sql("CREATE TABLE fruit (id INTEGER PRIMARY KEY, name TEXT)",
-                   "INSERT INTO fruit (name) VALUES ('apple'), ('pear')")
+        made = sql(
+            "CREATE TABLE fruit (id INTEGER PRIMARY KEY, name TEXT)",
+            "INSERT INTO fruit (name) VALUES ('apple'), ('pear')",
+        )
         self.assertEqual(made.returncode, 0, made.stdout + made.stderr)
         selected = sql("SELECT id, name FROM fruit ORDER BY id")
         self.assertEqual(selected.returncode, 0, selected.stderr)
@@ -347,17 +404,26 @@ class StartTests(unittest.TestCase):
         return server
 
     def test_second_start_regenerates_nothing(self) -> None:
-        """A second start logs no creation and leaves every key and certificate as it was."""
+        """A second start creates nothing and leaves every key and certificate as is."""
         first = self.start("--web")
         first.port("HTTPS web server")
         first.stop()
-        files = ["key.pem", "cert.pem", "dhparams.pem", "Resources/ca.pem",
-                 "Resources/ca-key.pem", "Resources/key.pem", "Resources/cert.pem"]
+        files = [
+            "key.pem",
+            "cert.pem",
+            "dhparams.pem",
+            "Resources/ca.pem",
+            "Resources/ca-key.pem",
+            "Resources/key.pem",
+            "Resources/cert.pem",
+        ]
         before = {name: (self.root / name).read_bytes() for name in files}
         second = self.start("--web")
         second.port("HTTPS web server")
         self.assertNotIn("First start", second.log)
-        self.assertEqual({name: (self.root / name).read_bytes() for name in files}, before)
+        self.assertEqual(
+            {name: (self.root / name).read_bytes() for name in files}, before
+        )
 
     def test_one_server_only(self) -> None:
         """--sql starts the SQL server and no other listener."""
@@ -368,7 +434,7 @@ class StartTests(unittest.TestCase):
         self.assertNotIn("Application server listening", server.log)
 
     def test_mismatched_key_stops_start(self) -> None:
-        """A certificate that does not match its key stops the start with one clear line."""
+        """A certificate not matching its key stops the start with one clear line."""
         first = self.start("--web")
         first.port("HTTPS web server")
         first.stop()
@@ -404,23 +470,47 @@ class PluginTests(unittest.TestCase):
         """
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         where = subprocess.run(
-            [sys.executable, "-c", "import twisted_tls4d; print(twisted_tls4d.__file__)"],
-            capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env,
+            [
+                sys.executable,
+                "-c",
+                "import twisted_tls4d; print(twisted_tls4d.__file__)",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tempfile.gettempdir(),
+            env=env,
         )
         source = REPOSITORY / "twisted_tls4d"
         if where.returncode != 0 or Path(where.stdout.strip()).parent == source:
-            raise unittest.SkipTest("twisted_tls4d is not installed (non-editable) here")
+            raise unittest.SkipTest(
+                "twisted_tls4d is not installed (non-editable) here"
+            )
         result = subprocess.run(
-            [_twistd(), "--help"], capture_output=True, text=True,
-            cwd=tempfile.gettempdir(), env=env, timeout=DEADLINE,
+            [_twistd(), "--help"],
+            capture_output=True,
+            text=True,
+            cwd=tempfile.gettempdir(),
+            env=env,
+            timeout=DEADLINE,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertRegex(result.stdout, r"\n\s+tls4d\s+The web, application and SQL servers")
+        self.assertRegex(
+            result.stdout, r"\n\s+tls4d\s+The web, application and SQL servers"
+        )
 
     def test_listed_from_source(self) -> None:
-        """With the repository on the path, ``twistd tls4d --help`` explains the options."""
+        """From the source tree, ``twistd tls4d --help`` explains the options."""
         result = _run(_twistd(), "tls4d", "--help")
         self.assertEqual(result.returncode, 0, result.stderr)
-        for option in ("--web", "--app", "--sql", "--root", "--interface", "--min-tls",
-                       "--ciphers", "--hsts", "--https-port"):
+        for option in (
+            "--web",
+            "--app",
+            "--sql",
+            "--root",
+            "--interface",
+            "--min-tls",
+            "--ciphers",
+            "--hsts",
+            "--https-port",
+        ):
             self.assertIn(option, result.stdout)

@@ -103,7 +103,9 @@ class LocalCATests(unittest.TestCase):
         """
         key = pki.generate_private_key()
         names = ["localhost", "127.0.0.1", "::1"]
-        cert = pki.issue_certificate(self.ca, key.public_key(), "localhost", server_names=names)
+        cert = pki.issue_certificate(
+            self.ca, key.public_key(), "localhost", server_names=names
+        )
         ext = cert.extensions
         self.assertFalse(ext.get_extension_for_class(x509.BasicConstraints).value.ca)
         self.assertEqual(
@@ -113,7 +115,8 @@ class LocalCATests(unittest.TestCase):
         san = ext.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertEqual(san.get_values_for_type(x509.DNSName), ["localhost"])
         self.assertEqual(
-            [str(a) for a in san.get_values_for_type(x509.IPAddress)], ["127.0.0.1", "::1"]
+            [str(a) for a in san.get_values_for_type(x509.IPAddress)],
+            ["127.0.0.1", "::1"],
         )
         lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
         self.assertLessEqual(lifespan, datetime.timedelta(days=366))
@@ -161,7 +164,15 @@ class LocalCATests(unittest.TestCase):
         pki.write_certificates(folder / "ca.pem", [self.ca.certificate])
         pki.write_certificates(folder / "cert.pem", [cert])
         result = subprocess.run(
-            ["openssl", "verify", "-purpose", "sslserver", "-CAfile", "ca.pem", "cert.pem"],
+            [
+                "openssl",
+                "verify",
+                "-purpose",
+                "sslserver",
+                "-CAfile",
+                "ca.pem",
+                "cert.pem",
+            ],
             cwd=folder,
             capture_output=True,
             text=True,
@@ -193,7 +204,7 @@ class PEMReadingTests(unittest.TestCase):
         self.assertEqual(pki.load_certificates(path, text), [self.cert])
 
     def test_cr_only(self) -> None:
-        """A certificate with CR-only line endings loads, with a note naming the file."""
+        """A certificate with CR-only line endings loads, with a note naming it."""
         path = self.folder / "cr.pem"
         path.write_bytes(self.lf.replace(b"\n", b"\r"))
         text = pki.read_pem(path)
@@ -211,7 +222,9 @@ class PEMReadingTests(unittest.TestCase):
     def test_truncated_certificate(self) -> None:
         """A truncated certificate is refused, naming the file."""
         path = self.folder / "cut.pem"
-        path.write_bytes(self.lf[: len(self.lf) // 2] + b"\n-----END CERTIFICATE-----\n")
+        path.write_bytes(
+            self.lf[: len(self.lf) // 2] + b"\n-----END CERTIFICATE-----\n"
+        )
         e = self.assertRaises(PEMError, pki.load_certificates, path)
         self.assertIn(str(path), str(e))
 
@@ -246,14 +259,22 @@ class DHGroupTests(unittest.TestCase):
         if shutil.which("openssl") is None:
             raise unittest.SkipTest("the openssl command is not installed")
         result = subprocess.run(
-            ["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048"],
+            [
+                "openssl",
+                "genpkey",
+                "-genparam",
+                "-algorithm",
+                "DH",
+                "-pkeyopt",
+                "group:ffdhe2048",
+            ],
             capture_output=True,
             check=True,
         )
         self.assertEqual(result.stdout, pki.FFDHE2048_PEM)
 
     def test_safe_prime(self) -> None:
-        """The group's modulus p and (p - 1) / 2 are both probable primes, generator 2."""
+        """The modulus p and (p - 1) / 2 are probable primes, and g is 2."""
         import warnings
 
         from cryptography.hazmat.primitives.serialization import load_pem_parameters

@@ -32,7 +32,7 @@ class FirstStartTests(unittest.TestCase):
             self.created = root.bootstrap(self.layout, hostname="db1.example.test")
 
     def test_creates_everything(self) -> None:
-        """Every file of the layout exists after the first start, and each was logged."""
+        """Every file of the layout exists after the first start, each logged."""
         lay = self.layout
         expected = [
             lay.web_folder / "index.html",
@@ -83,7 +83,8 @@ class FirstStartTests(unittest.TestCase):
             san.get_values_for_type(x509.DNSName), ["localhost", "db1.example.test"]
         )
         self.assertEqual(
-            [str(a) for a in san.get_values_for_type(x509.IPAddress)], ["127.0.0.1", "::1"]
+            [str(a) for a in san.get_values_for_type(x509.IPAddress)],
+            ["127.0.0.1", "::1"],
         )
 
     def test_dhparams(self) -> None:

@@ -33,7 +33,8 @@ class ResolveTests(unittest.TestCase):
         s = settings.resolve({}, _root_with(None))
         self.assertEqual((s.web, s.app, s.sql), (True, True, True))
         self.assertEqual(
-            (s.https_port, s.http_port, s.app_port, s.sql_port), (8443, 8080, 19813, 19812)
+            (s.https_port, s.http_port, s.app_port, s.sql_port),
+            (8443, 8080, 19813, 19812),
         )
         self.assertEqual((s.min_tls, s.hsts, s.hsts_max_age), ("1.2", False, 63072000))
 
@@ -55,7 +56,8 @@ class ResolveTests(unittest.TestCase):
         """Servers named on the command line replace those named in the file."""
         root = _root_with("sql = true\n")
         self.assertEqual(
-            [n for n in settings.SERVERS if getattr(settings.resolve({}, root), n)], ["sql"]
+            [n for n in settings.SERVERS if getattr(settings.resolve({}, root), n)],
+            ["sql"],
         )
         s = settings.resolve({"web": True}, root)
         self.assertEqual([n for n in settings.SERVERS if getattr(s, n)], ["web"])
@@ -107,7 +109,16 @@ class OptionsTests(unittest.TestCase):
         options = tap.Options()
         root = _root_with(None)
         options.parseOptions(
-            ["--web", "--root", str(root), "--https-port", "0", "--hsts", "--interface", "::1"]
+            [
+                "--web",
+                "--root",
+                str(root),
+                "--https-port",
+                "0",
+                "--hsts",
+                "--interface",
+                "::1",
+            ]
         )
         s = options.settings
         self.assertEqual((s.web, s.app, s.sql), (True, False, False))

@@ -49,13 +49,18 @@ class RedirectTests(unittest.TestCase):
             (301, b"https://localhost:8443/a/b?x=1&y=2"),
         )
         self.assertEqual(
-            self.render(b"/", b"www.example.test"), (301, b"https://www.example.test:8443/")
+            self.render(b"/", b"www.example.test"),
+            (301, b"https://www.example.test:8443/"),
         )
 
     def test_ip_addresses(self) -> None:
         """IPv4 and bracketed IPv6 hosts keep their form in the redirect."""
-        self.assertEqual(self.render(b"/", b"127.0.0.1:80"), (301, b"https://127.0.0.1:8443/"))
-        self.assertEqual(self.render(b"/x", b"[::1]:8080"), (301, b"https://[::1]:8443/x"))
+        self.assertEqual(
+            self.render(b"/", b"127.0.0.1:80"), (301, b"https://127.0.0.1:8443/")
+        )
+        self.assertEqual(
+            self.render(b"/x", b"[::1]:8080"), (301, b"https://[::1]:8443/x")
+        )
 
     def test_default_port_omitted(self) -> None:
         """With HTTPS on 443, the redirect names no port."""
@@ -63,7 +68,7 @@ class RedirectTests(unittest.TestCase):
         self.assertEqual(self.render(b"/", b"localhost"), (301, b"https://localhost/"))
 
     def test_foreign_or_malformed_host(self) -> None:
-        """Hosts the certificate does not cover, and malformed ones, are answered 400."""
+        """Hosts the certificate does not cover, and malformed ones, get 400."""
         for host in (
             b"evil.example",
             b"localhost.evil.example",
@@ -101,7 +106,9 @@ class SiteTests(unittest.TestCase):
 
     def test_no_listing(self) -> None:
         """A folder without index.html is not listed."""
-        child = web.WebFolder(str(self.folder)).getChild(b"sub", _request(b"/sub/", None))
+        child = web.WebFolder(str(self.folder)).getChild(
+            b"sub", _request(b"/sub/", None)
+        )
         listing = child.getChild(b"", _request(b"/sub/", None))
         self.assertIsInstance(listing, web.resource.NoResource)
 
@@ -145,7 +152,7 @@ class ListenerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_https_start_page_with_hsts(self) -> Any:
-        """HTTPS serves the start page with the HSTS header; plain HTTP redirects there."""
+        """HTTPS serves the start page with HSTS; plain HTTP redirects there."""
         ports = yield self.start(hsts=True)
         ca = str(self.layout.ca)
         out, err, code = yield _curl(
@@ -156,7 +163,9 @@ class ListenerTests(unittest.TestCase):
         self.assertIn(b"strict-transport-security: max-age=63072000", out.lower())
         self.assertIn(b"tls4d is serving this root", out)
 
-        out, err, code = yield _curl("--include", f"http://localhost:{ports['http']}/x?y=1")
+        out, err, code = yield _curl(
+            "--include", f"http://localhost:{ports['http']}/x?y=1"
+        )
         self.assertIn(b"HTTP/1.1 301", out)
         self.assertIn(f"https://localhost:{ports['https']}/x?y=1".encode(), out)
         self.assertNotIn(b"strict-transport-security", out.lower())
@@ -169,13 +178,16 @@ class ListenerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_without_hsts(self) -> Any:
-        """Without --hsts, plain HTTP serves the same files and no HSTS header is sent."""
+        """Without --hsts, plain HTTP serves the same files and no HSTS is sent."""
         ports = yield self.start()
         out, err, code = yield _curl("--include", f"http://localhost:{ports['http']}/")
         self.assertIn(b"HTTP/1.1 200", out)
         self.assertIn(b"tls4d is serving this root", out)
         out, err, code = yield _curl(
-            "--include", "--cacert", str(self.layout.ca), f"https://localhost:{ports['https']}/"
+            "--include",
+            "--cacert",
+            str(self.layout.ca),
+            f"https://localhost:{ports['https']}/",
         )
         self.assertIn(b"HTTP/1.1 200", out)
         self.assertNotIn(b"strict-transport-security", out.lower())

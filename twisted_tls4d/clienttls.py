@@ -48,7 +48,9 @@ class ClientIdentity:
         return cls(directory / KEY_FILE, directory / CERT_FILE, directory / CA_FILE)
 
 
-def client_options(host: str, identity: ClientIdentity) -> IOpenSSLClientConnectionCreator:
+def client_options(
+    host: str, identity: ClientIdentity
+) -> IOpenSSLClientConnectionCreator:
     """
     TLS options for connecting to a tls4d server as this identity.
 
@@ -75,7 +77,10 @@ def client_options(host: str, identity: ClientIdentity) -> IOpenSSLClientConnect
     )
     cert_pem = chain[0].public_bytes(serialization.Encoding.PEM)
     trust = ssl.trustRootFromCertificates(
-        [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in cas]
+        [
+            ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in cas
+        ]
     )
     client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
     return ssl.optionsForClientTLS(

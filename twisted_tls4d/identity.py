@@ -15,7 +15,10 @@ from twisted_tls4d.settings import DEFAULT_ROOT
 
 
 def issue_client_identity(
-    layout: root.RootLayout, name: str, out: Path, days: int = pki.DEFAULT_CERTIFICATE_DAYS
+    layout: root.RootLayout,
+    name: str,
+    out: Path,
+    days: int = pki.DEFAULT_CERTIFICATE_DAYS,
 ) -> clienttls.ClientIdentity:
     """
     Make a key and a client certificate for ``name``, signed by the root's
@@ -48,7 +51,9 @@ def issue_client_identity(
         raise ConfigurationError(msg)
     ca = root.load_local_ca(layout)
     key = pki.generate_private_key()
-    certificate = pki.issue_certificate(ca, key.public_key(), name, client=True, days=days)
+    certificate = pki.issue_certificate(
+        ca, key.public_key(), name, client=True, days=days
+    )
     pki.write_private_key(written.key, key)
     pki.write_certificates(written.cert, [certificate])
     pki.write_certificates(written.ca, pki.load_certificates(layout.ca))
@@ -71,10 +76,17 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("name", metavar="NAME", help="the client's name (common name)")
     parser.add_argument(
-        "--root", type=Path, default=DEFAULT_ROOT, help="the server root (default: %(default)s)"
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help="the server root (default: %(default)s)",
     )
     parser.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="folder to write key.pem, cert.pem, ca.pem into"
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder to write key.pem, cert.pem, ca.pem into",
     )
     parser.add_argument(
         "--days",

@@ -90,7 +90,7 @@ def utc_now() -> datetime.datetime:
     Returns:
         The current time, timezone-aware in UTC.
     """
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def generate_private_key(curve: str = "P-256") -> ec.EllipticCurvePrivateKey:
@@ -205,7 +205,9 @@ def read_pem(path: Path) -> PEMText:
     return PEMText(data.replace(b"\r\n", b"\n"), None)
 
 
-def load_certificates(path: Path, text: PEMText | None = None) -> list[x509.Certificate]:
+def load_certificates(
+    path: Path, text: PEMText | None = None
+) -> list[x509.Certificate]:
     """
     Load every certificate of a PEM file, in file order.
 
@@ -270,7 +272,7 @@ def load_private_key(path: Path, text: PEMText | None = None) -> PrivateKey:
 
 
 def _public_bytes(key: object) -> bytes:
-    public_bytes = getattr(key, "public_bytes")
+    public_bytes = key.public_bytes
     result: bytes = public_bytes(
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo,

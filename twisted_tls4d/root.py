@@ -33,7 +33,9 @@ root's <code>WebFolder</code> to replace it.</p>
 </html>
 """
 
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$"
+)
 
 
 @attrs.frozen
@@ -191,7 +193,9 @@ def bootstrap(layout: RootLayout, hostname: str | None = None) -> list[Path]:
     missing_pairs = []
     for servers, key_path, cert_path in layout.server_pairs():
         if key_path.exists() != cert_path.exists():
-            present, absent = (key_path, cert_path) if key_path.exists() else (cert_path, key_path)
+            present, absent = (
+                (key_path, cert_path) if key_path.exists() else (cert_path, key_path)
+            )
             msg = (
                 f"{present} exists but {absent} does not; install the missing "
                 f"file for the {servers}, or remove {present} to have tls4d "
@@ -208,7 +212,9 @@ def bootstrap(layout: RootLayout, hostname: str | None = None) -> list[Path]:
         )
         raise ConfigurationError(msg)
     if not layout.ca.exists():
-        ca = pki.create_local_ca(f"{server_names(hostname)[-1]} {layout.path.resolve()}")
+        ca = pki.create_local_ca(
+            f"{server_names(hostname)[-1]} {layout.path.resolve()}"
+        )
         pki.write_private_key(layout.ca_key, ca.key)
         note(layout.ca_key, "the local CA's private key (mode 0600)")
         pki.write_certificates(layout.ca, [ca.certificate])

@@ -11,7 +11,11 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -32,7 +36,9 @@ def _ipv6_available() -> bool:
     return True
 
 
-def server_endpoint(reactor: Any, interface: str | None, port: int) -> IStreamServerEndpoint:
+def server_endpoint(
+    reactor: Any, interface: str | None, port: int
+) -> IStreamServerEndpoint:
     """
     A TCP endpoint on ``interface`` (all addresses, IPv6 and IPv4, if None).
 
@@ -200,7 +206,9 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
 
     top = Tls4dService(settings, layout)
 
-    def add(name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any) -> None:
+    def add(
+        name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any
+    ) -> None:
         service = ListenerService(
             label, server_endpoint(reactor, settings.interface, port), factory, **kw
         )

@@ -130,7 +130,9 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     for key, value in document.items():
         name = key.replace("-", "_")
         if name not in _TYPES or name == "root":
-            known = ", ".join(sorted(k.replace("_", "-") for k in _TYPES if k != "root"))
+            known = ", ".join(
+                sorted(k.replace("_", "-") for k in _TYPES if k != "root")
+            )
             msg = f"{path} sets unknown setting {key!r}; known settings: {known}."
             raise ConfigurationError(msg)
         allowed = _TYPES[name]
@@ -144,9 +146,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def resolve(
-    command_line: Mapping[str, Any], root: Path = DEFAULT_ROOT
-) -> Settings:
+def resolve(command_line: Mapping[str, Any], root: Path = DEFAULT_ROOT) -> Settings:
     """
     Combine defaults, the root's settings file and the command line.
 
@@ -178,9 +178,7 @@ def resolve(
         chosen = set(SERVERS)
 
     values = {**file_values, **given}
-    settings = Settings(
-        root=root, **values, **{s: s in chosen for s in SERVERS}
-    )
+    settings = Settings(root=root, **values, **{s: s in chosen for s in SERVERS})
     check(settings)
     return settings
 
@@ -204,7 +202,9 @@ def check(settings: Settings) -> None:
     }
     for name, port in ports.items():
         if not 0 <= port <= 65535:
-            msg = f"--{name} {port} is not a TCP port; use 0 to 65535 (0: any free port)."
+            msg = (
+                f"--{name} {port} is not a TCP port; use 0 to 65535 (0: any free port)."
+            )
             raise ConfigurationError(msg)
     in_use = [p for p in _listened_ports(settings) if p != 0]
     duplicates = sorted({p for p in in_use if in_use.count(p) > 1})

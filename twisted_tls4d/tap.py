@@ -51,8 +51,7 @@ class Options(usage.Options):
         [
             "hsts",
             None,
-            "Send Strict-Transport-Security on HTTPS and redirect plain HTTP "
-            "to HTTPS.",
+            "Send Strict-Transport-Security on HTTPS and redirect plain HTTP to HTTPS.",
         ],
     ]
 
@@ -117,7 +116,8 @@ class Options(usage.Options):
             "max-frame-size",
             None,
             None,
-            f"Largest application frame in bytes [default: {_DEFAULTS.max_frame_size}].",
+            "Largest application frame in bytes "
+            f"[default: {_DEFAULTS.max_frame_size}].",
             int,
         ],
         [

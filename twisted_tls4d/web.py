@@ -44,7 +44,9 @@ class HSTSSite(server.Site):
     forbids sending it there.
     """
 
-    def __init__(self, root: resource.Resource, header_value: str, **kwargs: Any) -> None:
+    def __init__(
+        self, root: resource.Resource, header_value: str, **kwargs: Any
+    ) -> None:
         super().__init__(root, **kwargs)
         self.hsts_value = header_value.encode("ascii")
 
