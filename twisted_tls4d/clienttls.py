@@ -14,6 +14,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from twisted_tls4d import pki
+from twisted_tls4d.errors import ConfigurationError
 
 #: File names that `tls4d client NAME --out DIR` writes and clients read.
 KEY_FILE = "key.pem"
@@ -46,6 +47,57 @@ class ClientIdentity:
             The identity in it (``key.pem``, ``cert.pem``, ``ca.pem``).
         """
         return cls(directory / KEY_FILE, directory / CERT_FILE, directory / CA_FILE)
+
+    @classmethod
+    def from_options(
+        cls,
+        directory: Path | None,
+        key: Path | None = None,
+        cert: Path | None = None,
+        ca: Path | None = None,
+    ) -> ClientIdentity:
+        """
+        The identity a client command's options give: a folder, with
+        ``--key``, ``--cert`` and ``--ca`` taking precedence over its files.
+
+        Args:
+            directory: The ``--identity`` folder, or None.
+            key: The ``--key`` file, or None.
+            cert: The ``--cert`` file, or None.
+            ca: The ``--ca`` file, or None.
+
+        Returns:
+            The key, certificate and CA files to use.
+
+        Raises:
+            ConfigurationError: ``directory`` is not a folder, or a file is
+                given neither by it nor by its own option.
+        """
+        base = None
+        if directory is not None:
+            if not directory.is_dir():
+                msg = (
+                    f"--identity {directory} is not a folder; give the folder "
+                    "that 'tls4d client NAME --out DIR' wrote."
+                )
+                raise ConfigurationError(msg)
+            base = cls.from_directory(directory)
+        key = key or (base.key if base else None)
+        cert = cert or (base.cert if base else None)
+        ca = ca or (base.ca if base else None)
+        if key is None or cert is None or ca is None:
+            missing = [
+                option
+                for option, value in (("--key", key), ("--cert", cert), ("--ca", ca))
+                if value is None
+            ]
+            msg = (
+                f"No client identity given ({', '.join(missing)} missing); pass "
+                "--identity DIR (a folder from 'tls4d client NAME --out DIR') or "
+                "--key, --cert and --ca."
+            )
+            raise ConfigurationError(msg)
+        return cls(key, cert, ca)
 
 
 def client_options(

@@ -237,44 +237,10 @@ def add_parser(commands: Any) -> None:
 
 def identity_from_args(args: argparse.Namespace) -> ClientIdentity:
     """
-    Find the client identity the options give.
-
-    Args:
-        args: The parsed options (``identity``, ``key``, ``cert``, ``ca``).
-
-    Returns:
-        The key, certificate and CA files to use.
-
-    Raises:
-        ConfigurationError: ``--identity`` is not a folder, or a file is
-            given neither by it nor by its own option.
+    Find the client identity the options give (``identity``, ``key``,
+    ``cert``, ``ca``); see `ClientIdentity.from_options`.
     """
-    folder: Path | None = args.identity
-    base = None
-    if folder is not None:
-        if not folder.is_dir():
-            msg = (
-                f"--identity {folder} is not a folder; give the folder that "
-                "'tls4d client NAME --out DIR' wrote."
-            )
-            raise ConfigurationError(msg)
-        base = ClientIdentity.from_directory(folder)
-    key = args.key or (base.key if base else None)
-    cert = args.cert or (base.cert if base else None)
-    ca = args.ca or (base.ca if base else None)
-    if key is None or cert is None or ca is None:
-        missing = [
-            option
-            for option, value in (("--key", key), ("--cert", cert), ("--ca", ca))
-            if value is None
-        ]
-        msg = (
-            f"No client identity given ({', '.join(missing)} missing); pass "
-            "--identity DIR (a folder from 'tls4d client NAME --out DIR') or "
-            "--key, --cert and --ca."
-        )
-        raise ConfigurationError(msg)
-    return ClientIdentity(key, cert, ca)
+    return ClientIdentity.from_options(args.identity, args.key, args.cert, args.ca)
 
 
 def call_arguments(args: argparse.Namespace) -> dict[str, Any]:

@@ -127,31 +127,7 @@ def add_parser(commands: Any) -> None:
         help="how long to wait for the connection and the server's greeting "
         "(default: %(default)g)",
     )
-    parser.set_defaults(run=_run, sql_parser=parser)
-
-
-def _identity(args: argparse.Namespace) -> ClientIdentity:
-    """
-    Returns:
-        The identity from ``--identity`` with ``--key``/``--cert``/``--ca``
-        taking precedence; exits with a usage error if one is missing.
-    """
-    base = ClientIdentity.from_directory(args.identity) if args.identity else None
-    key = args.key or (base.key if base else None)
-    cert = args.cert or (base.cert if base else None)
-    ca = args.ca or (base.ca if base else None)
-    if key is None or cert is None or ca is None:
-        missing = [
-            option
-            for option, value in (("--key", key), ("--cert", cert), ("--ca", ca))
-            if value is None
-        ]
-        parser: argparse.ArgumentParser = args.sql_parser
-        parser.error(
-            f"no {', '.join(missing)} given; pass --identity DIR (from 'tls4d "
-            "client NAME --out DIR'), or --key, --cert and --ca."
-        )
-    return ClientIdentity(key, cert, ca)
+    parser.set_defaults(run=_run)
 
 
 def _run_reactor(reactor: Any) -> None:
@@ -206,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         SQLConnectionError: The connection failed or was lost.
         PEMError: The identity's files are unusable.
     """
-    identity = _identity(args)
+    identity = ClientIdentity.from_options(args.identity, args.key, args.cert, args.ca)
     with _ReactorThread() as reactor_thread:
         client: SQLClient = reactor_thread.call(
             connect,
