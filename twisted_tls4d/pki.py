@@ -328,6 +328,24 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def _key_usage(*, issuer: bool, rsa_key: bool) -> x509.KeyUsage:
+    """
+    What a key may do: sign (always), sign certificates and CRLs (a CA), and
+    encipher keys (an RSA end-entity key, for TLS 1.2's RSA key transport).
+    """
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key and not issuer,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=issuer,
+        crl_sign=issuer,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def create_local_ca(label: str, now: datetime.datetime | None = None) -> LocalCA:
     """
     Make a new certificate authority for one server root, with a fresh ECDSA
@@ -355,20 +373,7 @@ def create_local_ca(label: str, now: datetime.datetime | None = None) -> LocalCA
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now - _BACKDATE + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(issuer=True, rsa_key=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
         .sign(key, hashes.SHA256())
     )
@@ -431,17 +436,7 @@ def issue_certificate(
         .not_valid_after(now - _BACKDATE + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(issuer=False, rsa_key=isinstance(public_key, rsa.RSAPublicKey)),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)

@@ -6,9 +6,10 @@ policy feeds every listener (HTTPS and HTTP, application, SQL).
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography import x509
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import (
@@ -140,7 +141,7 @@ class Tls4dService(MultiService):
         settings: What it was built from.
         layout: The root's paths.
         creators: The connection creator of each TLS listener by name
-            (``"web"``, ``"app"``, ``"sql"``); a reload replaces their
+            (``"https"``, ``"app"``, ``"sql"``); a reload replaces their
             contexts.
     """
 
@@ -215,17 +216,27 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         service.setName(name)
         service.setServiceParent(top)
 
-    needs_ca = settings.app or settings.sql
-    client_cas = tls.load_client_cas(layout.ca) if needs_ca else []
+    def add_tls(
+        name: str,
+        label: str,
+        port: int,
+        identity: tls.ServerIdentity,
+        factory: IProtocolFactory,
+        client_cas: Sequence[x509.Certificate] = (),
+        **kw: Any,
+    ) -> None:
+        _log_identity(label, identity)
+        context = tls.build_context(policy, identity, client_cas)
+        creator = top.creators[name] = tls.ServerConnectionCreator(context)
+        add(name, label, port, TLSMemoryBIOFactory(creator, False, factory), **kw)
+
+    client_cas = tls.load_client_cas(layout.ca) if settings.app or settings.sql else []
     web_identity = None
     if settings.web or settings.sql:
         web_identity = tls.load_identity(layout.cert, layout.key)
 
     if settings.web:
         assert web_identity is not None
-        _log_identity("HTTPS", web_identity)
-        creator = tls.ServerConnectionCreator(tls.build_context(policy, web_identity))
-        top.creators["web"] = creator
         https_site, http_site, redirect = web.build_sites(
             layout.web_folder,
             hsts_max_age=settings.hsts_max_age if settings.hsts else None,
@@ -237,11 +248,12 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             if redirect is not None:
                 redirect.https_port = port.getHost().port  # type: ignore[attr-defined]
 
-        add(
+        add_tls(
             "https",
             "HTTPS web server",
             settings.https_port,
-            TLSMemoryBIOFactory(creator, False, https_site),
+            web_identity,
+            https_site,
             on_listening=https_bound,
         )
         if not settings.no_http:
@@ -256,34 +268,26 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     if settings.app:
         from twisted_tls4d.app.protocol import AppServerFactory
 
-        app_identity = tls.load_identity(layout.app_cert, layout.app_key)
-        _log_identity("Application server", app_identity)
-        creator = tls.ServerConnectionCreator(
-            tls.build_context(policy, app_identity, client_cas)
-        )
-        top.creators["app"] = creator
         app_factory = AppServerFactory(
             clock=reactor,
             max_frame_size=settings.max_frame_size,
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
         )
-        add(
+        app_identity = tls.load_identity(layout.app_cert, layout.app_key)
+        add_tls(
             "app",
             "Application server",
             settings.app_port,
-            TLSMemoryBIOFactory(creator, False, app_factory),
+            app_identity,
+            app_factory,
+            client_cas,
         )
 
     if settings.sql:
         from twisted_tls4d.sql.protocol import SQLServerFactory
 
         assert web_identity is not None
-        _log_identity("SQL server", web_identity)
-        creator = tls.ServerConnectionCreator(
-            tls.build_context(policy, web_identity, client_cas)
-        )
-        top.creators["sql"] = creator
         sql_factory = SQLServerFactory(
             database=layout.database,
             clock=reactor,
@@ -291,10 +295,12 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
         )
-        add(
+        add_tls(
             "sql",
             "SQL server",
             settings.sql_port,
-            TLSMemoryBIOFactory(creator, False, sql_factory),
+            web_identity,
+            sql_factory,
+            client_cas,
         )
     return top
