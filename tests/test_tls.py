@@ -294,3 +294,29 @@ class CipherStringTests(unittest.TestCase):
             "'2.0'",
             str(self.assertRaises(ConfigurationError, tls.min_version_number, "2.0")),
         )
+
+
+class IdentityTests(unittest.TestCase):
+    """
+    A listener's key and certificate load whatever their line endings.
+    """
+
+    def test_cr_only_warned(self) -> None:
+        """A CR-only cert.pem loads, with a warning that names the file."""
+        layout = support.make_root()
+        layout.cert.write_bytes(layout.cert.read_bytes().replace(b"\n", b"\r"))
+        with capturedLogs() as events:
+            identity = tls.load_identity(layout.cert, layout.key)
+        self.assertEqual(identity.certificate, pki.load_certificates(layout.cert)[0])
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn(str(layout.cert), event["note"])
+
+    def test_crlf_silent(self) -> None:
+        """A CRLF key and certificate load without a warning."""
+        layout = support.make_root()
+        for path in (layout.cert, layout.key):
+            path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+        with capturedLogs() as events:
+            tls.load_identity(layout.cert, layout.key)
+        self.assertEqual(events, [])

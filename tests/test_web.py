@@ -205,3 +205,18 @@ class ListenerTests(unittest.TestCase):
         out, err, code = yield _curl(f"https://localhost:{ports['https']}/")
         self.assertNotEqual(code, 0)
         self.assertIn(b"certificate", err.lower())
+
+    @defer.inlineCallbacks
+    def test_ipv6_interface(self) -> Any:
+        """--interface ::1 serves HTTPS on IPv6 loopback, covered by the certificate."""
+        if not service._ipv6_available():
+            raise unittest.SkipTest("this machine has no IPv6")
+        ports = yield self.start(interface="::1", no_http=True)
+        out, err, code = yield _curl(
+            "--globoff",
+            "--cacert",
+            str(self.layout.ca),
+            f"https://[::1]:{ports['https']}/",
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"tls4d is serving this root", out)
