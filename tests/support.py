@@ -21,13 +21,23 @@ from zope.interface import implementer
 from twisted_tls4d import clienttls, identity, root, tls
 
 
+def temporary_folder(prefix: str) -> Path:
+    """
+    Returns:
+        A new folder below the working directory, which trial makes its own
+        ``_trial_temp`` and empties at its next run, so that the keys the
+        tests make do not pile up in the system's temporary folder.
+    """
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=Path.cwd())).resolve()
+
+
 def make_root(hostname: str = "testhost") -> root.RootLayout:
     """
     Returns:
         A new server root in a temporary folder, bootstrapped (local CA,
         server keys and certificates, DH parameters).
     """
-    layout = root.RootLayout(Path(tempfile.mkdtemp(prefix="tls4d-test-")) / "root")
+    layout = root.RootLayout(temporary_folder("tls4d-test-") / "root")
     root.bootstrap(layout, hostname=hostname)
     return layout
 
@@ -40,7 +50,7 @@ def make_client_identity(
         A client identity for ``name`` signed by the root's CA, in a new
         temporary folder.
     """
-    out = Path(tempfile.mkdtemp(prefix="tls4d-client-")) / name
+    out = temporary_folder("tls4d-client-") / name
     return identity.issue_client_identity(layout, name, out)
 
 

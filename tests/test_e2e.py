@@ -19,6 +19,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from tests import support
 from twisted_tls4d import pki
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ class AllServersTests(unittest.TestCase):
         for tool in ("curl", "openssl"):
             if shutil.which(tool) is None:
                 raise unittest.SkipTest(f"{tool} is not installed")
-        self.folder = Path(tempfile.mkdtemp(prefix="tls4d-e2e-"))
+        self.folder = support.temporary_folder("tls4d-e2e-")
         self.server = Server(self.folder / "root", "--web", "--app", "--sql", "--hsts")
         self.addCleanup(self.server.stop)
         for label in (
@@ -319,7 +320,7 @@ class AllServersTests(unittest.TestCase):
 
     def test_app_refuses_foreign_certificate(self) -> None:
         """A client certified by another CA is refused, and the log says why."""
-        other = Path(tempfile.mkdtemp(prefix="tls4d-e2e-other-"))
+        other = support.temporary_folder("tls4d-e2e-other-")
         other_server = Server(other / "root", "--app")
         try:
             other_server.port("Application server")
@@ -395,7 +396,7 @@ class StartTests(unittest.TestCase):
     """
 
     def setUp(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="tls4d-e2e-start-"))
+        self.folder = support.temporary_folder("tls4d-e2e-start-")
         self.root = self.folder / "root"
 
     def start(self, *arguments: str) -> Server:

@@ -6,7 +6,6 @@ in the clients' options.
 from __future__ import annotations
 
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -26,7 +25,7 @@ class IssueTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.layout = support.make_root()
-        self.out = Path(tempfile.mkdtemp(prefix="tls4d-id-")) / "bob"
+        self.out = support.temporary_folder("tls4d-id-") / "bob"
         self.written = identity.issue_client_identity(self.layout, "bob", self.out)
 
     def test_files(self) -> None:
@@ -73,7 +72,7 @@ class IssueTests(unittest.TestCase):
 
     def test_command_without_ca(self) -> None:
         """tls4d client on a root without a CA fails with one line naming the CA key."""
-        missing = Path(tempfile.mkdtemp(prefix="tls4d-id-")) / "nowhere"
+        missing = support.temporary_folder("tls4d-id-") / "nowhere"
         status = cli.main(
             ["client", "x", "--root", str(missing), "--out", str(missing)]
         )
@@ -98,7 +97,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_overrides(self) -> None:
         """--key, --cert and --ca win over the folder's files."""
-        folder = Path(tempfile.mkdtemp(prefix="tls4d-id-"))
+        folder = support.temporary_folder("tls4d-id-")
         found = clienttls.ClientIdentity.from_options(folder, ca=Path("other-ca.pem"))
         self.assertEqual(found.key, folder / "key.pem")
         self.assertEqual(found.ca, Path("other-ca.pem"))

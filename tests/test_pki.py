@@ -9,7 +9,6 @@ import datetime
 import shutil
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -17,12 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.trial import unittest
 
+from tests import support
 from twisted_tls4d import pki
 from twisted_tls4d.errors import KeyMismatchError, PEMError
 
 
 def _temp() -> Path:
-    return Path(tempfile.mkdtemp(prefix="tls4d-pki-"))
+    return support.temporary_folder("tls4d-pki-")
 
 
 class PrivateKeyTests(unittest.TestCase):
@@ -138,6 +138,21 @@ class LocalCATests(unittest.TestCase):
         )
         self.assertIn("825 days", str(e))
 
+    def test_at_least_one_day(self) -> None:
+        """A certificate valid for less than a day is refused, naming the days."""
+        key = pki.generate_private_key()
+        for days in (0, -5):
+            e = self.assertRaises(
+                ValueError,
+                pki.issue_certificate,
+                self.ca,
+                key.public_key(),
+                "x",
+                client=True,
+                days=days,
+            )
+            self.assertIn(f"not {days}", str(e))
+
     def test_client_certificate(self) -> None:
         """A client certificate has the clientAuth purpose and no host names."""
         key = pki.generate_private_key()
@@ -233,6 +248,28 @@ class PEMReadingTests(unittest.TestCase):
         path = self.folder / "absent.pem"
         e = self.assertRaises(PEMError, pki.read_pem, path)
         self.assertIn(str(path), str(e))
+
+    def test_damaged_public_key(self) -> None:
+        """A certificate whose public key was damaged is refused, naming the file."""
+        from cryptography.hazmat.primitives import serialization
+
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        point = self.key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        at = der.index(point) + len(point) - 1
+        damaged = x509.load_der_x509_certificate(
+            der[:at] + bytes([der[at] ^ 0x01]) + der[at + 1 :]
+        )
+        e = self.assertRaises(
+            PEMError,
+            pki.check_key_matches,
+            damaged,
+            self.key,
+            Path("cert.pem"),
+            Path("key.pem"),
+        )
+        self.assertIn("cert.pem holds a certificate whose public key", str(e))
 
     def test_key_mismatch(self) -> None:
         """A certificate issued for another key is refused, naming both files."""

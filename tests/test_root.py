@@ -6,19 +6,18 @@ later starts regenerate nothing.
 from __future__ import annotations
 
 import stat
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
+from tests import support
 from twisted_tls4d import pki, root, tls
 from twisted_tls4d.errors import ConfigurationError
 
 
 def _new_layout() -> root.RootLayout:
-    return root.RootLayout(Path(tempfile.mkdtemp(prefix="tls4d-root-")) / "root")
+    return root.RootLayout(support.temporary_folder("tls4d-root-") / "root")
 
 
 class FirstStartTests(unittest.TestCase):

@@ -5,18 +5,18 @@ settings file, and the command line winning over it.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from twisted.python import usage
 from twisted.trial import unittest
 
+from tests import support
 from twisted_tls4d import settings, tap
 from twisted_tls4d.errors import ConfigurationError
 
 
 def _root_with(toml: str | None) -> Path:
-    root = Path(tempfile.mkdtemp(prefix="tls4d-settings-")) / "root"
+    root = support.temporary_folder("tls4d-settings-") / "root"
     if toml is not None:
         (root / "Settings").mkdir(parents=True)
         (root / "Settings" / "tls4d.toml").write_text(toml)
@@ -62,6 +62,39 @@ class ResolveTests(unittest.TestCase):
         s = settings.resolve({"web": True}, root)
         self.assertEqual([n for n in settings.SERVERS if getattr(s, n)], ["web"])
 
+    def test_file_turns_one_off(self) -> None:
+        """A file that turns a server off runs the other two."""
+        s = settings.resolve({}, _root_with("web = false\n"))
+        self.assertEqual([n for n in settings.SERVERS if getattr(s, n)], ["app", "sql"])
+
+    def test_file_turns_all_off(self) -> None:
+        """A file that turns every server off is refused."""
+        root = _root_with("web = false\napp = false\nsql = false\n")
+        e = self.assertRaises(ConfigurationError, settings.resolve, {}, root)
+        self.assertIn("turns every server off", str(e))
+
+    def test_interface_must_be_an_address(self) -> None:
+        """An interface that is not an IP address is refused before any lookup."""
+        for interface in ("999.1.1.1", "localhost", "::1::2"):
+            e = self.assertRaises(
+                ConfigurationError,
+                settings.resolve,
+                {"interface": interface},
+                _root_with(None),
+            )
+            self.assertIn(repr(interface), str(e))
+        self.assertEqual(
+            settings.resolve({"interface": "::1"}, _root_with(None)).interface, "::1"
+        )
+
+    def test_not_utf8(self) -> None:
+        """A settings file that is not UTF-8 is refused, naming it."""
+        root = _root_with(None)
+        (root / "Settings").mkdir(parents=True)
+        (root / "Settings" / "tls4d.toml").write_bytes(b"hsts = \xff\n")
+        e = self.assertRaises(ConfigurationError, settings.resolve, {}, root)
+        self.assertIn("tls4d.toml is not valid TOML", str(e))
+
     def test_unknown_key(self) -> None:
         """An unknown key in the file is refused, naming the file and the key."""
         root = _root_with("htps-port = 1\n")
@@ -86,7 +119,7 @@ class ResolveTests(unittest.TestCase):
         e = self.assertRaises(
             ConfigurationError, settings.resolve, {"sql_port": 70000}, _root_with(None)
         )
-        self.assertIn("--sql-port 70000", str(e))
+        self.assertIn("sql-port 70000 is not a TCP port", str(e))
 
     def test_same_port_twice(self) -> None:
         """Two listeners on one port are refused; two on port 0 are fine."""

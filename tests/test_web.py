@@ -6,8 +6,6 @@ the real listeners driven by curl.
 from __future__ import annotations
 
 import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, utils
@@ -89,7 +87,7 @@ class SiteTests(unittest.TestCase):
     """
 
     def setUp(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="tls4d-web-"))
+        self.folder = support.temporary_folder("tls4d-web-")
         (self.folder / "index.html").write_text("<p>start</p>")
         (self.folder / "sub").mkdir()
         (self.folder / "sub" / "file.txt").write_text("hello")

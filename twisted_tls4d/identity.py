@@ -90,11 +90,19 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--days",
-        type=int,
+        type=_days,
         default=pki.DEFAULT_CERTIFICATE_DAYS,
         help="lifespan of the certificate (default: %(default)s)",
     )
     parser.set_defaults(run=_run)
+
+
+def _days(value: str) -> int:
+    days = int(value)
+    if days < 1:
+        msg = f"a certificate must be valid for at least 1 day, not {days}"
+        raise argparse.ArgumentTypeError(msg)
+    return days
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -294,8 +294,17 @@ def check_key_matches(
 
     Raises:
         KeyMismatchError: Their public keys differ.
+        PEMError: The certificate's public key cannot be read (a damaged file).
     """
-    if _public_bytes(certificate.public_key()) != _public_bytes(key.public_key()):
+    try:
+        certificate_key = certificate.public_key()
+    except ValueError as e:
+        msg = (
+            f"{cert_path} holds a certificate whose public key cannot be read "
+            f"({e}); the file is damaged: install the certificate again."
+        )
+        raise PEMError(msg) from e
+    if _public_bytes(certificate_key) != _public_bytes(key.public_key()):
         msg = (
             f"{cert_path} does not match {key_path} (public keys differ); "
             "install the certificate issued for this key, or the key it was "
@@ -407,9 +416,13 @@ def issue_certificate(
         The certificate.
 
     Raises:
-        ValueError: It would be neither server nor client certificate, or a
-            server certificate would live longer than browsers accept.
+        ValueError: It would be neither server nor client certificate, live
+            less than a day, or (a server certificate) longer than browsers
+            accept.
     """
+    if days < 1:
+        msg = f"A certificate must be valid for at least 1 day, not {days}."
+        raise ValueError(msg)
     if not server_names and not client:
         msg = "A certificate needs server names, the client purpose, or both."
         raise ValueError(msg)

@@ -182,10 +182,25 @@ def bootstrap(layout: RootLayout, hostname: str | None = None) -> list[Path]:
         created.append(path)
         _log.info("First start: created {what} at {path}", what=what, path=str(path))
 
-    for folder in (layout.path, layout.resources, layout.data):
-        folder.mkdir(parents=True, exist_ok=True)
-    if not layout.web_folder.exists():
-        layout.web_folder.mkdir()
+    # Never more open than 0755 whatever the umask; the database's folder is
+    # its owner's only.
+    folders = [
+        (layout.path, 0o755),
+        (layout.resources, 0o755),
+        (layout.data, 0o700),
+        (layout.web_folder, 0o755),
+    ]
+    web_folder_is_new = not layout.web_folder.exists()
+    for folder, mode in folders:
+        try:
+            folder.mkdir(mode=mode, parents=True, exist_ok=True)
+        except OSError as e:
+            msg = (
+                f"Cannot create the folder {folder} of the server root: "
+                f"{e.strerror}; point --root at a folder tls4d may create."
+            )
+            raise ConfigurationError(msg) from e
+    if web_folder_is_new:
         index = layout.web_folder / "index.html"
         pki.write_public_file(index, _START_PAGE.encode("utf-8"))
         note(index, "the start page")

@@ -19,9 +19,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
 from twisted_tls4d import pki, root, tls, web
+from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.settings import Settings
 
 _log = Logger()
@@ -67,13 +69,21 @@ def format_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ListenError(Tls4dError):
+    """
+    A listener cannot bind its address (the port is taken, or the address is
+    not this machine's).
+    """
+
+
 class ListenerService(Service):
     """
     Listens on one endpoint while running, logging the address bound.
 
     Attributes:
-        label: What is served, for the log (``"HTTPS"``, ``"SQL server"``).
+        label: What is served, for the log (``"HTTPS web server"``).
         port: The listening port once started.
+        port_option: The option that chooses the port, for error messages.
     """
 
     def __init__(
@@ -82,8 +92,10 @@ class ListenerService(Service):
         endpoint: IStreamServerEndpoint,
         factory: IProtocolFactory,
         on_listening: Callable[[IListeningPort], None] | None = None,
+        port_option: str = "another port",
     ) -> None:
         self.label = label
+        self.port_option = port_option
         self.endpoint = endpoint
         self.factory = factory
         self.on_listening = on_listening
@@ -99,7 +111,17 @@ class ListenerService(Service):
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
         if failures:
-            failures[0].raiseException()
+            reason = failures[0]
+            if reason.check(CannotListenError):
+                error = reason.value
+                msg = (
+                    f"The {self.label} cannot listen on port {error.port}"
+                    f"{' of ' + error.interface if error.interface else ''}: "
+                    f"{error.socketError}. Stop the program using that port, or "
+                    f"choose another with {self.port_option}."
+                )
+                raise ListenError(msg)
+            reason.raiseException()
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -140,6 +162,8 @@ class Tls4dService(MultiService):
     Attributes:
         settings: What it was built from.
         layout: The root's paths.
+        exit_on_listen_error: End the process when a listener cannot bind
+            (set by twistd's ``makeService``); raise `ListenError` if False.
         creators: The connection creator of each TLS listener by name
             (``"https"``, ``"app"``, ``"sql"``); a reload replaces their
             contexts.
@@ -150,6 +174,21 @@ class Tls4dService(MultiService):
         self.settings = settings
         self.layout = layout
         self.creators: dict[str, tls.ServerConnectionCreator] = {}
+        self.exit_on_listen_error = False
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Bind every listener. Under twistd (``exit_on_listen_error``), a
+        listener that cannot bind ends the process with one critical log line
+        instead of a traceback.
+        """
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            if not self.exit_on_listen_error:
+                raise
+            _log.critical("tls4d cannot start: {message}", message=str(e))
+            raise SystemExit(1) from e
 
     def listener(self, name: str) -> ListenerService:
         """
@@ -210,8 +249,9 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     def add(
         name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any
     ) -> None:
+        endpoint = server_endpoint(reactor, settings.interface, port)
         service = ListenerService(
-            label, server_endpoint(reactor, settings.interface, port), factory, **kw
+            label, endpoint, factory, port_option=f"--{name}-port", **kw
         )
         service.setName(name)
         service.setServiceParent(top)

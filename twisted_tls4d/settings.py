@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from twisted_tls4d.errors import ConfigurationError
 
@@ -119,8 +120,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             document = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        msg = f"{path} is not valid TOML: {e}."
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        msg = f"{path} is not valid TOML (UTF-8 text): {e}."
         raise ConfigurationError(msg) from e
     except OSError as e:
         msg = f"Cannot read {path}: {e.strerror}."
@@ -158,9 +159,9 @@ def resolve(command_line: Mapping[str, Any], root: Path = DEFAULT_ROOT) -> Setti
             exists.
 
     Returns:
-        The checked settings. When neither the command line nor the file
-        chooses servers, all three run; a choice on the command line replaces
-        the file's.
+        The checked settings. Servers named on the command line run alone;
+        else those the file turns on (``web = true``) run alone; else all
+        but those the file turns off (``sql = false``).
 
     Raises:
         ConfigurationError: A value is out of range, or the file is invalid.
@@ -172,10 +173,13 @@ def resolve(command_line: Mapping[str, Any], root: Path = DEFAULT_ROOT) -> Setti
     chosen = {s for s in SERVERS if given.pop(s, False)}
     if not chosen:
         chosen = {s for s in SERVERS if file_values.get(s)}
+    if not chosen:
+        chosen = {s for s in SERVERS if file_values.get(s, True)}
     for server in SERVERS:
         file_values.pop(server, None)
     if not chosen:
-        chosen = set(SERVERS)
+        msg = f"{settings_file} turns every server off; leave one on."
+        raise ConfigurationError(msg)
 
     values = {**file_values, **given}
     settings = Settings(root=root, **values, **{s: s in chosen for s in SERVERS})
@@ -202,17 +206,25 @@ def check(settings: Settings) -> None:
     }
     for name, port in ports.items():
         if not 0 <= port <= 65535:
-            msg = (
-                f"--{name} {port} is not a TCP port; use 0 to 65535 (0: any free port)."
-            )
+            msg = f"{name} {port} is not a TCP port; use 0 to 65535 (0: any free port)."
             raise ConfigurationError(msg)
+    interface = settings.interface
+    if interface is not None and not (
+        isIPAddress(interface) or isIPv6Address(interface)
+    ):
+        msg = (
+            f"interface {interface!r} is not an IPv4 or IPv6 address; give one "
+            "of this machine's addresses (127.0.0.1, ::1, ...) or leave it unset "
+            "for all of them."
+        )
+        raise ConfigurationError(msg)
     in_use = [p for p in _listened_ports(settings) if p != 0]
     duplicates = sorted({p for p in in_use if in_use.count(p) > 1})
     if duplicates:
         msg = f"Port {duplicates[0]} is given to two listeners; give each its own port."
         raise ConfigurationError(msg)
     if settings.hsts_max_age < 0:
-        msg = f"--hsts-max-age must be 0 or more seconds; got {settings.hsts_max_age}."
+        msg = f"hsts-max-age must be 0 or more seconds; got {settings.hsts_max_age}."
         raise ConfigurationError(msg)
     positives = {
         "max-frame-size": settings.max_frame_size,
@@ -222,7 +234,7 @@ def check(settings: Settings) -> None:
     }
     for name, value in positives.items():
         if value <= 0:
-            msg = f"--{name} must be positive; got {value}."
+            msg = f"{name} must be positive; got {value}."
             raise ConfigurationError(msg)
 
 

@@ -23,7 +23,7 @@ def _port(value: str) -> int:
     return int(value)
 
 
-_port.coerceDoc = "A TCP port; 0 takes a free one."  # type: ignore[attr-defined]
+_port.coerceDoc = "A TCP port; 0 takes a free one"  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -182,13 +182,19 @@ def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)
         The service twistd runs.
 
     Raises:
-        SystemExit: The root's keys, certificates or DH parameters cannot be
-            used; one line on standard error names the file and the fix.
+        SystemExit: The root cannot be created, or its keys, certificates or
+            DH parameters cannot be used; one line on standard error names
+            the file and the fix.
     """
     from twisted_tls4d.service import build_service
 
     try:
-        return build_service(options.settings)
+        service = build_service(options.settings)
     except Tls4dError as e:
         print(f"tls4d cannot start: {e}", file=sys.stderr)
         raise SystemExit(1) from e
+    except OSError as e:
+        print(f"tls4d cannot start: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
+        raise SystemExit(1) from e
+    service.exit_on_listen_error = True
+    return service
