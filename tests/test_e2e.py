@@ -263,6 +263,10 @@ class AllServersTests(unittest.TestCase):
         old = _s_client(port, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
         self.assertNotEqual(old.returncode, 0)
         self.assertNotIn("New, TLSv1.1", old.stdout)
+        self.server.wait_for(
+            r"HTTPS web server: TLS handshake with 127\.0\.0\.1:\d+ failed, sent "
+            r"alert protocol version: it offered only TLS versions this server refuses"
+        )
 
     def test_no_non_forward_secret_suite(self) -> None:
         """openssl s_client offering only RSA key exchange is refused."""
@@ -445,6 +449,32 @@ class StartTests(unittest.TestCase):
         self.assertIn(
             f"{self.root / 'cert.pem'} does not match {self.root / 'key.pem'}",
             result.stdout + result.stderr,
+        )
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_port_in_use(self) -> None:
+        """A port already taken stops the start with one line naming the option."""
+        first = self.start("--web", "--no-http")
+        port = first.port("HTTPS web server")
+        result = _run(
+            _twistd(),
+            "-n",
+            "--pidfile=",
+            "tls4d",
+            "--root",
+            str(self.folder / "third"),
+            "--web",
+            "--no-http",
+            "--interface",
+            "127.0.0.1",
+            "--https-port",
+            str(port),
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(
+            result.stdout,
+            rf"tls4d cannot start: The HTTPS web server cannot listen on port {port} "
+            r"of 127\.0\.0\.1: .*Address already in use\. .* --https-port\.",
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 

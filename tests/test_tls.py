@@ -320,3 +320,71 @@ class IdentityTests(unittest.TestCase):
         with capturedLogs() as events:
             tls.load_identity(layout.cert, layout.key)
         self.assertEqual(events, [])
+
+
+class OperatorWarningTests(unittest.TestCase):
+    """
+    What an operator is warned of: exposed keys, suites the key cannot use,
+    and failed handshakes on a listener that logs no refusals itself.
+    """
+
+    def test_exposed_key(self) -> None:
+        """A key file readable by others is named in a warning with the fix."""
+        layout = support.make_root()
+        with capturedLogs() as events:
+            tls.load_identity(layout.cert, layout.key)
+        self.assertEqual(events, [])
+        layout.key.chmod(0o644)
+        with capturedLogs() as events:
+            tls.load_identity(layout.cert, layout.key)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual((event["path"], event["mode"]), (str(layout.key), 0o644))
+        self.assertIn("chmod 600", event["log_format"])
+
+    def test_suites_for_key(self) -> None:
+        """ECDSA keys get the ECDSA suites and RSA keys the others."""
+        suites = tls.tls12_suites(tls.DEFAULT_CIPHERS)
+        ecdsa = tls.suites_for_key(suites, pki.generate_private_key())
+        self.assertEqual(len(ecdsa), 3)
+        self.assertTrue(all("-ECDSA-" in s for s in ecdsa))
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.assertEqual(len(tls.suites_for_key(suites, rsa_key)), 6)
+
+    def test_alerts_logged(self) -> None:
+        """With log_alerts_as, a refused TLS 1.1 client is logged with the reason."""
+        layout = support.make_root()
+        identity = tls.load_identity(layout.cert, layout.key)
+        context = tls.build_context(tls.TLSPolicy(), identity, log_alerts_as="HTTPS")
+        with capturedLogs() as events:
+            result = _Handshake(
+                tls.ServerConnectionCreator(context),
+                _client_context(max_version=SSL.TLS1_1_VERSION),
+            )
+        self.assertTrue(result.failed)
+        [event] = [e for e in events if e.get("label") == "HTTPS"]
+        self.assertEqual(event["direction"], "sent")
+        self.assertIn("only TLS versions this server refuses", event["alert"])
+
+
+class FailureWordsTests(unittest.TestCase):
+    """
+    OpenSSL's reasons for a failed handshake become words, and say who gave up.
+    """
+
+    def test_table(self) -> None:
+        """Each known OpenSSL phrase maps to its meaning and to who refused."""
+        from twisted_tls4d._peer import describe_tls_failure
+
+        cases = [
+            ("peer did not return a certificate", True, "presented no certificate"),
+            ("tlsv1 alert unknown ca", False, "does not trust"),
+            ("wrong version number", True, "did not speak TLS"),
+            ("unsupported protocol", True, "TLS versions"),
+            ("no shared cipher", True, "no cipher suite"),
+            ("Connection lost in a non-clean fashion", False, "closed the connection"),
+        ]
+        for text, refused, words in cases:
+            got_refused, why = describe_tls_failure(Failure(SSL.Error(text)))
+            self.assertEqual(got_refused, refused, text)
+            self.assertIn(words, why)

@@ -146,37 +146,64 @@ class AuthenticatedPeerMixin(TimeoutMixin):
     def log_refusal_if_any(self, reason: Failure) -> None:
         """
         Call from ``connectionLost``: stop the timer and, if the handshake
-        never completed, log once why the client was refused.
+        never completed, log once why: the server refused the client, or the
+        client gave up (distrusting the server's certificate, say).
         """
         self.setTimeout(None)
         if self.peer_certificate is not None or self._timed_out_in:
             return
-        why = self._verify_error or _describe_tls_failure(reason)
+        if self._verify_error is not None:
+            refused, why = True, self._verify_error
+        else:
+            refused, why = describe_tls_failure(reason)
         self.log.warn(
-            "{server}: refused TLS handshake from {peer}: {why}",
+            "{server}: refused TLS handshake from {peer}: {why}"
+            if refused
+            else "{server}: TLS handshake with {peer} failed: {why}",
             server=self.server_name,
             peer=peer_label(self.transport),
             why=why,
         )
 
 
-def _describe_tls_failure(reason: Failure) -> str:
+#: Phrases of OpenSSL's errors, what they mean, and whether they mean that
+#: this server refused the client (True) or the client gave up (False).
+_TLS_FAILURES = [
+    ("peer did not return a certificate", "the client presented no certificate", True),
+    (
+        "alert unknown ca",
+        "the client does not trust the CA of this server's certificate",
+        False,
+    ),
+    ("alert bad certificate", "the client rejected this server's certificate", False),
+    (
+        "alert certificate unknown",
+        "the client rejected this server's certificate",
+        False,
+    ),
+    ("no shared cipher", "no cipher suite in common", True),
+    ("no suitable", "no cipher suite or key-exchange group in common", True),
+    ("wrong version number", "it did not speak TLS", True),
+    ("http request", "it sent plain HTTP, not TLS", True),
+    ("unsupported protocol", "it offered only TLS versions this server refuses", True),
+    ("protocol version", "it offered only TLS versions this server refuses", True),
+]
+
+
+def describe_tls_failure(reason: Failure) -> tuple[bool, str]:
     """
-    Turn the failure that ended a handshake into words for the log.
+    Turn the failure that ended a TLS handshake into words for the log.
+
+    Args:
+        reason: What ``connectionLost`` received.
+
+    Returns:
+        Whether the server refused the client, and why, in words.
     """
     text = str(reason.value)
-    if "peer did not return a certificate" in text:
-        return "the client presented no certificate"
-    if "alert unknown ca" in text or "alert bad certificate" in text:
-        return "the client does not trust this server's certificate (unknown CA)"
-    if "alert certificate unknown" in text:
-        return "the client rejected this server's certificate"
-    if "no shared cipher" in text or "no suitable" in text:
-        return "no cipher suite or group in common"
-    if "unsupported protocol" in text or "version" in text:
-        return "it offered only TLS versions this server refuses"
-    if "wrong version number" in text or "http request" in text:
-        return "it did not speak TLS"
-    if reason.check(Exception) and "Connection was closed cleanly" in text:
-        return "it closed the connection during the handshake"
-    return text
+    for phrase, meaning, refused in _TLS_FAILURES:
+        if phrase in text:
+            return refused, meaning
+    if "closed cleanly" in text or "non-clean fashion" in text:
+        return False, "the client closed the connection during the handshake"
+    return False, text

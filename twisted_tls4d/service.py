@@ -10,8 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -19,7 +21,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
 from twisted_tls4d import pki, root, tls, web
@@ -266,11 +267,26 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         **kw: Any,
     ) -> None:
         _log_identity(label, identity)
-        context = tls.build_context(policy, identity, client_cas)
+        suites = tls.tls12_suites(policy.ciphers)
+        if policy.min_version == "1.2" and not tls.suites_for_key(suites, identity.key):
+            _log.warn(
+                "{label}: none of the TLS 1.2 suites allowed suits the {kind} key "
+                "of {path}, so TLS 1.2 clients will fail; allow suites for that "
+                "key in --ciphers, or set --min-tls 1.3",
+                label=label,
+                kind="RSA" if isinstance(identity.key, rsa.RSAPrivateKey) else "ECDSA",
+                path=str(identity.cert_path),
+            )
+        # The web server's protocol cannot see failed handshakes; the others
+        # log them with the verification error that caused them.
+        context = tls.build_context(
+            policy, identity, client_cas, log_alerts_as=None if client_cas else label
+        )
         creator = top.creators[name] = tls.ServerConnectionCreator(context)
         add(name, label, port, TLSMemoryBIOFactory(creator, False, factory), **kw)
 
     client_cas = tls.load_client_cas(layout.ca) if settings.app or settings.sql else []
+    tls.warn_if_exposed(layout.ca_key)
     web_identity = None
     if settings.web or settings.sql:
         web_identity = tls.load_identity(layout.cert, layout.key)

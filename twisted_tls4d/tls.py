@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -209,9 +210,45 @@ def check_ciphers(cipher_string: str) -> list[str]:
     return weak
 
 
+def suites_for_key(suites: Sequence[str], key: pki.PrivateKey) -> list[str]:
+    """
+    Args:
+        suites: OpenSSL TLS 1.2 suite names.
+        key: The server's private key.
+
+    Returns:
+        Those of ``suites`` a server with ``key`` can negotiate: the ECDSA
+        suites for an ECDSA key, the others for an RSA key.
+    """
+    ecdsa = isinstance(key, ec.EllipticCurvePrivateKey)
+    return [suite for suite in suites if ("-ECDSA-" in suite) == ecdsa]
+
+
+def warn_if_exposed(path: Path) -> None:
+    """
+    Log a warning if a private key file can be read or changed by anyone but
+    its owner.
+
+    Args:
+        path: The key file.
+    """
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        _log.warn(
+            "{path} holds a private key and has mode {mode:o}: other users may "
+            "read it; run chmod 600 {path}",
+            path=str(path),
+            mode=mode,
+        )
+
+
 def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
     """
-    Load a listener's certificate chain and key and check that they match.
+    Load a listener's certificate chain and key and check that they match;
+    warn if the key file is open to other users.
 
     Args:
         cert_path: PEM file with the leaf certificate first.
@@ -232,6 +269,7 @@ def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
     chain = pki.load_certificates(cert_path, cert_text)
     key = pki.load_private_key(key_path, key_text)
     pki.check_key_matches(chain[0], key, cert_path, key_path)
+    warn_if_exposed(key_path)
     return ServerIdentity(key, chain, cert_path, key_path)
 
 
@@ -288,10 +326,63 @@ def _record_verify_error(
     return bool(ok)
 
 
+#: TLS alert descriptions (RFC 8446, 6.2) in words, for the log.
+_ALERTS = {
+    10: "unexpected message",
+    20: "bad record MAC",
+    40: "handshake failure: no cipher suite or key-exchange group in common",
+    42: "bad certificate",
+    43: "unsupported certificate",
+    44: "certificate revoked",
+    45: "certificate expired",
+    46: "certificate unknown: the client rejected this server's certificate",
+    47: "illegal parameter",
+    48: "unknown CA: the client does not trust this server's certificate",
+    49: "access denied",
+    50: "decode error: it did not speak TLS as expected",
+    51: "decrypt error",
+    70: "protocol version: it offered only TLS versions this server refuses",
+    71: "insufficient security",
+    80: "internal error",
+    86: "inappropriate fallback",
+    109: "missing extension",
+    110: "unsupported extension",
+    112: "unrecognized name",
+    116: "certificate required",
+    120: "no application protocol in common",
+}
+
+
+def _alert_logger(label: str) -> Any:
+    """
+    An OpenSSL info callback that logs each fatal alert a handshake sends or
+    receives, with the peer: why a client could not connect.
+    """
+
+    def log_alert(connection: SSL.Connection, where: int, ret: int) -> None:
+        if not where & SSL.SSL_CB_ALERT or ret >> 8 != 2:
+            return
+        transport = connection.get_app_data()
+        peer = transport.getPeer() if transport is not None else None
+        host = getattr(peer, "host", "?")
+        address = f"[{host}]" if ":" in host else host
+        description = _ALERTS.get(ret & 0xFF, f"alert {ret & 0xFF}")
+        _log.warn(
+            "{label}: TLS handshake with {peer} failed, {direction} alert {alert}",
+            label=label,
+            peer=f"{address}:{getattr(peer, 'port', '?')}",
+            direction="sent" if where & SSL.SSL_CB_WRITE else "received",
+            alert=description,
+        )
+
+    return log_alert
+
+
 def build_context(
     policy: TLSPolicy,
     identity: ServerIdentity,
     client_cas: Sequence[x509.Certificate] = (),
+    log_alerts_as: str | None = None,
 ) -> SSL.Context:
     """
     Build a fully configured server context.
@@ -301,6 +392,9 @@ def build_context(
         identity: The key and chain to present.
         client_cas: If any, a client certificate chained to one of them is
             required (mutual TLS); if none, clients are not asked for one.
+        log_alerts_as: If given, each fatal TLS alert is logged under this
+            label with the peer (for a server whose protocol does not log
+            failed handshakes itself).
 
     Returns:
         A context not yet used by any connection.
@@ -351,6 +445,9 @@ def build_context(
         )
         # Needed for client certificates to survive session resumption.
         context.set_session_id(b"tls4d")
+
+    if log_alerts_as is not None:
+        context.set_info_callback(_alert_logger(log_alerts_as))
 
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode("ascii"))
     tls12_suites(policy.ciphers)
