@@ -20,7 +20,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from tests import support
-from twisted_tls4d import pki
+from twisted_tls4d import pki, root
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -477,6 +477,38 @@ class StartTests(unittest.TestCase):
             r"of 127\.0\.0\.1: .*Address already in use\. .* --https-port\.",
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_reload_command(self) -> None:
+        """
+        After a new certificate is installed, ``tls4d reload`` makes the
+        running server serve it; a broken one is refused and the old kept.
+        """
+        server = self.start("--web", "--no-http")
+        port = server.port("HTTPS web server")
+        run_entry = self.root / "Run" / str(server.process.pid)
+        self.assertTrue(run_entry.exists())
+
+        ca = root.load_local_ca(root.RootLayout(self.root))
+        key = pki.generate_private_key()
+        renewed = pki.issue_certificate(
+            ca, key.public_key(), "renewed", server_names=["localhost"]
+        )
+        pki.write_private_key(self.root / "key.pem", key)
+        pki.write_certificates(self.root / "cert.pem", [renewed])
+        result = _tls4d("reload", "--root", str(self.root))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(str(server.process.pid), result.stdout)
+        server.wait_for("Reload done")
+        served = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
+        self.assertIn("subject=CN = renewed", served.stdout)
+
+        (self.root / "cert.pem").write_text("broken\n")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for(r"Reload failed, the servers keep the configuration")
+        served = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
+        self.assertIn("subject=CN = renewed", served.stdout)
+        server.stop()
+        self.assertFalse(run_entry.exists())
 
     def test_min_tls_13(self) -> None:
         """With --min-tls 1.3, a TLS 1.2 client is refused and a TLS 1.3 one served."""

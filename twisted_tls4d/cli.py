@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser of the ``tls4d`` command and its subcommands.
     """
-    from twisted_tls4d import identity
+    from twisted_tls4d import identity, reloader
     from twisted_tls4d.app import command as app_command
     from twisted_tls4d.sql import command as sql_command
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     identity.add_parser(commands)
+    reloader.add_parser(commands)
     app_command.add_parser(commands)
     sql_command.add_parser(commands)
     return parser

@@ -5,12 +5,17 @@ policy feeds every listener (HTTPS and HTTP, application, SQL).
 
 from __future__ import annotations
 
+import datetime
+import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
@@ -19,11 +24,12 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from twisted_tls4d import pki, root, tls, web
+from twisted_tls4d import pki, reloader, root, tls, web
 from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.settings import Settings
 
@@ -156,40 +162,248 @@ class ListenerService(Service):
         return port.stopListening()
 
 
+#: Certificates expiring within this many days are logged as warnings.
+EXPIRY_WARNING_DAYS = 30
+
+#: How often served certificates are checked for expiry, in seconds.
+EXPIRY_CHECK_INTERVAL = 24 * 60 * 60
+
+
+@attrs.frozen
+class TLSListener:
+    """
+    What a TLS listener serves, so that its context can be built again.
+
+    Attributes:
+        name: The listener's service name (``"https"``, ``"app"``, ``"sql"``).
+        label: Its name in logs.
+        cert_path: Its certificate chain.
+        key_path: Its private key.
+        mutual: Whether it requires client certificates from ``ca.pem``.
+    """
+
+    name: str
+    label: str
+    cert_path: Path
+    key_path: Path
+    mutual: bool
+
+
 class Tls4dService(MultiService):
     """
     The servers of one root, under one TLS policy.
 
+    A reload (`reload`, SIGHUP under twistd, ``tls4d reload``) builds every
+    TLS context again from the files; new connections get the new ones,
+    established connections keep theirs, and if any file is broken nothing
+    changes and the reason is logged.
+
     Attributes:
         settings: What it was built from.
         layout: The root's paths.
-        exit_on_listen_error: End the process when a listener cannot bind
-            (set by twistd's ``makeService``); raise `ListenError` if False.
-        creators: The connection creator of each TLS listener by name
-            (``"https"``, ``"app"``, ``"sql"``); a reload replaces their
-            contexts.
+        policy: The TLS policy of every listener.
+        clock: The reactor's clock, for the daily expiry check.
+        listeners: The TLS listeners, in start order.
+        creators: The connection creator of each TLS listener by name; a
+            reload replaces their contexts.
+        identities: The identity each TLS listener serves now, by name.
+        on_identities: Called with `identities` after each (re)load.
+        redirect: With HSTS, the plain HTTP redirect, which accepts the host
+            names of the HTTPS certificate in force.
+        under_twistd: Set by twistd's ``makeService``: a listener that cannot
+            bind ends the process, SIGHUP reloads, and the process is listed
+            in ``ROOT/Run/`` for ``tls4d reload``.
     """
 
-    def __init__(self, settings: Settings, layout: root.RootLayout) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        layout: root.RootLayout,
+        policy: tls.TLSPolicy,
+        clock: Any,
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.layout = layout
+        self.policy = policy
+        self.clock = clock
+        self.listeners: list[TLSListener] = []
         self.creators: dict[str, tls.ServerConnectionCreator] = {}
-        self.exit_on_listen_error = False
+        self.identities: dict[str, tls.ServerIdentity] = {}
+        self.on_identities: list[Callable[[dict[str, tls.ServerIdentity]], None]] = []
+        self.under_twistd = False
+        self.redirect: web.RedirectToHTTPS | None = None
+        self._expiry_check: LoopingCall | None = None
+        self._previous_sighup: Any = None
+
+    def build_contexts(
+        self,
+    ) -> dict[str, tuple[SSL.Context, tls.ServerIdentity]]:
+        """
+        Read every listener's files and build its context.
+
+        Returns:
+            The new context and identity of each TLS listener, by name.
+
+        Raises:
+            Tls4dError: A key, certificate, CA or DH file cannot be used.
+        """
+        client_cas: list[x509.Certificate] = []
+        if any(listener.mutual for listener in self.listeners):
+            client_cas = tls.load_client_cas(self.layout.ca)
+        tls.warn_if_exposed(self.layout.ca_key)
+        suites = tls.tls12_suites(self.policy.ciphers)
+        identities: dict[Path, tls.ServerIdentity] = {}
+        built = {}
+        for listener in self.listeners:
+            identity = identities.get(listener.cert_path)
+            if identity is None:
+                identity = tls.load_identity(listener.cert_path, listener.key_path)
+                identities[listener.cert_path] = identity
+            if self.policy.min_version == "1.2" and not tls.suites_for_key(
+                suites, identity.key
+            ):
+                _log.warn(
+                    "{label}: none of the TLS 1.2 suites allowed suits the {kind} "
+                    "key of {path}, so TLS 1.2 clients will fail; allow suites for "
+                    "that key in --ciphers, or set --min-tls 1.3",
+                    label=listener.label,
+                    kind="RSA"
+                    if isinstance(identity.key, rsa.RSAPrivateKey)
+                    else "ECDSA",
+                    path=str(identity.cert_path),
+                )
+            # The web server's protocol cannot see failed handshakes; the
+            # others log them with the verification error that caused them.
+            context = tls.build_context(
+                self.policy,
+                identity,
+                client_cas if listener.mutual else (),
+                log_alerts_as=None if listener.mutual else listener.label,
+            )
+            built[listener.name] = (context, identity)
+        return built
+
+    def load_tls(self) -> None:
+        """
+        Build every listener's context for the first time.
+
+        Raises:
+            Tls4dError: A key, certificate, CA or DH file cannot be used.
+        """
+        built = self.build_contexts()
+        for name, (context, _) in built.items():
+            self.creators[name] = tls.ServerConnectionCreator(context)
+        self._took({name: identity for name, (_, identity) in built.items()})
+
+    def reload(self) -> bool:
+        """
+        Read keys, certificates, ``dhparams.pem`` and ``Resources/ca.pem``
+        again and serve new connections with them.
+
+        Returns:
+            Whether the new files were taken; if any is broken, the
+            configuration in force stays, and the reason is logged.
+        """
+        _log.info(
+            "Reloading keys and certificates of {root}", root=str(self.layout.path)
+        )
+        try:
+            built = self.build_contexts()
+        except (Tls4dError, SSL.Error, OSError) as e:
+            _log.error(
+                "Reload failed, the servers keep the configuration they had: {error}",
+                error=str(e),
+            )
+            return False
+        for name, (context, _) in built.items():
+            self.creators[name].replace(context)
+        self._took({name: identity for name, (_, identity) in built.items()})
+        _log.info("Reload done: new connections get the files read now")
+        return True
+
+    def _took(self, identities: dict[str, tls.ServerIdentity]) -> None:
+        self.identities = identities
+        for listener in self.listeners:
+            identity = identities[listener.name]
+            _log.info(
+                "{label} serves {path}: {certificate}",
+                label=listener.label,
+                path=str(identity.cert_path),
+                certificate=pki.describe(identity.certificate),
+            )
+        for callback in self.on_identities:
+            callback(identities)
+
+    def check_expiry(self) -> None:
+        """
+        Log each served certificate that expired (an error) or expires within
+        `EXPIRY_WARNING_DAYS` (a warning), with its days left.
+        """
+        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+        seen: set[Path] = set()
+        for listener in self.listeners:
+            identity = self.identities.get(listener.name)
+            if identity is None or identity.cert_path in seen:
+                continue
+            seen.add(identity.cert_path)
+            left = identity.certificate.not_valid_after_utc - now
+            if left.total_seconds() <= 0:
+                _log.error(
+                    "{path} expired {days} days ago ({label}); clients refuse it: "
+                    "install a new certificate and reload",
+                    path=str(identity.cert_path),
+                    days=(-left).days,
+                    label=listener.label,
+                )
+            elif left.days < EXPIRY_WARNING_DAYS:
+                _log.warn(
+                    "{path} expires in {days} days ({label}); renew it, install "
+                    "it and reload",
+                    path=str(identity.cert_path),
+                    days=left.days,
+                    label=listener.label,
+                )
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
         """
-        Bind every listener. Under twistd (``exit_on_listen_error``), a
-        listener that cannot bind ends the process with one critical log line
-        instead of a traceback.
+        Bind every listener. Under twistd, a listener that cannot bind ends
+        the process with one critical log line instead of a traceback.
         """
         try:
             super().privilegedStartService()
         except ListenError as e:
-            if not self.exit_on_listen_error:
+            if not self.under_twistd:
                 raise
             _log.critical("tls4d cannot start: {message}", message=str(e))
             raise SystemExit(1) from e
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Start listening and checking expiry daily; under twistd, also reload
+        on SIGHUP and list this process in ``ROOT/Run/``.
+        """
+        super().startService()
+        self._expiry_check = LoopingCall(self.check_expiry)
+        self._expiry_check.clock = self.clock
+        self._expiry_check.start(EXPIRY_CHECK_INTERVAL, now=True)
+        if self.under_twistd:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            reloader.register(self.layout)
+
+    def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Stop the expiry check, SIGHUP handling and listeners.
+        """
+        if self._expiry_check is not None and self._expiry_check.running:
+            self._expiry_check.stop()
+        if self.under_twistd:
+            signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            reloader.unregister(self.layout)
+        return super().stopService()
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(self.reload)
 
     def listener(self, name: str) -> ListenerService:
         """
@@ -199,15 +413,6 @@ class Tls4dService(MultiService):
         child = self.getServiceNamed(name)
         assert isinstance(child, ListenerService)
         return child
-
-
-def _log_identity(label: str, identity: tls.ServerIdentity) -> None:
-    _log.info(
-        "{label} serves {path}: {certificate}",
-        label=label,
-        path=str(identity.cert_path),
-        certificate=pki.describe(identity.certificate),
-    )
 
 
 def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
@@ -244,8 +449,8 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         version=policy.min_version,
         ciphers=":".join(tls.tls12_suites(policy.ciphers)),
     )
-
-    top = Tls4dService(settings, layout)
+    top = Tls4dService(settings, layout, policy, reactor)
+    tls_factories: dict[str, tuple[IProtocolFactory, int, dict[str, Any]]] = {}
 
     def add(
         name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any
@@ -258,45 +463,17 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         service.setServiceParent(top)
 
     def add_tls(
-        name: str,
-        label: str,
-        port: int,
-        identity: tls.ServerIdentity,
-        factory: IProtocolFactory,
-        client_cas: Sequence[x509.Certificate] = (),
-        **kw: Any,
+        listener: TLSListener, port: int, factory: IProtocolFactory, **kw: Any
     ) -> None:
-        _log_identity(label, identity)
-        suites = tls.tls12_suites(policy.ciphers)
-        if policy.min_version == "1.2" and not tls.suites_for_key(suites, identity.key):
-            _log.warn(
-                "{label}: none of the TLS 1.2 suites allowed suits the {kind} key "
-                "of {path}, so TLS 1.2 clients will fail; allow suites for that "
-                "key in --ciphers, or set --min-tls 1.3",
-                label=label,
-                kind="RSA" if isinstance(identity.key, rsa.RSAPrivateKey) else "ECDSA",
-                path=str(identity.cert_path),
-            )
-        # The web server's protocol cannot see failed handshakes; the others
-        # log them with the verification error that caused them.
-        context = tls.build_context(
-            policy, identity, client_cas, log_alerts_as=None if client_cas else label
-        )
-        creator = top.creators[name] = tls.ServerConnectionCreator(context)
-        add(name, label, port, TLSMemoryBIOFactory(creator, False, factory), **kw)
+        top.listeners.append(listener)
+        tls_factories[listener.name] = (factory, port, kw)
 
-    client_cas = tls.load_client_cas(layout.ca) if settings.app or settings.sql else []
-    tls.warn_if_exposed(layout.ca_key)
-    web_identity = None
-    if settings.web or settings.sql:
-        web_identity = tls.load_identity(layout.cert, layout.key)
-
+    redirect: web.RedirectToHTTPS | None = None
+    http_site = None
     if settings.web:
-        assert web_identity is not None
         https_site, http_site, redirect = web.build_sites(
             layout.web_folder,
             hsts_max_age=settings.hsts_max_age if settings.hsts else None,
-            certificate=web_identity.certificate,
             https_port=settings.https_port,
         )
 
@@ -305,21 +482,18 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
                 redirect.https_port = port.getHost().port  # type: ignore[attr-defined]
 
         add_tls(
-            "https",
-            "HTTPS web server",
+            TLSListener("https", "HTTPS web server", layout.cert, layout.key, False),
             settings.https_port,
-            web_identity,
             https_site,
             on_listening=https_bound,
         )
-        if not settings.no_http:
-            add("http", "HTTP web server", settings.http_port, http_site)
         if redirect is not None:
-            _log.info(
-                "HSTS on: HTTPS answers carry max-age={max_age}; plain HTTP "
-                "redirects to HTTPS",
-                max_age=settings.hsts_max_age,
-            )
+            top.redirect = covered = redirect
+
+            def update_names(identities: dict[str, tls.ServerIdentity]) -> None:
+                covered.certificate = identities["https"].certificate
+
+            top.on_identities.append(update_names)
 
     if settings.app:
         from twisted_tls4d.app.protocol import AppServerFactory
@@ -330,20 +504,17 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
         )
-        app_identity = tls.load_identity(layout.app_cert, layout.app_key)
         add_tls(
-            "app",
-            "Application server",
+            TLSListener(
+                "app", "Application server", layout.app_cert, layout.app_key, True
+            ),
             settings.app_port,
-            app_identity,
             app_factory,
-            client_cas,
         )
 
     if settings.sql:
         from twisted_tls4d.sql.protocol import SQLServerFactory
 
-        assert web_identity is not None
         sql_factory = SQLServerFactory(
             database=layout.database,
             clock=reactor,
@@ -352,11 +523,28 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             idle_timeout=settings.idle_timeout,
         )
         add_tls(
-            "sql",
-            "SQL server",
+            TLSListener("sql", "SQL server", layout.cert, layout.key, True),
             settings.sql_port,
-            web_identity,
             sql_factory,
-            client_cas,
+        )
+
+    top.load_tls()
+    for listener in top.listeners:
+        factory, port, kw = tls_factories[listener.name]
+        creator = top.creators[listener.name]
+        add(
+            listener.name,
+            listener.label,
+            port,
+            TLSMemoryBIOFactory(creator, False, factory),
+            **kw,
+        )
+        if listener.name == "https" and http_site is not None and not settings.no_http:
+            add("http", "HTTP web server", settings.http_port, http_site)
+    if redirect is not None:
+        _log.info(
+            "HSTS on: HTTPS answers carry max-age={max_age}; plain HTTP "
+            "redirects to HTTPS",
+            max_age=settings.hsts_max_age,
         )
     return top

@@ -196,5 +196,5 @@ def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)
     except OSError as e:
         print(f"tls4d cannot start: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
         raise SystemExit(1) from e
-    service.exit_on_listen_error = True
+    service.under_twistd = True
     return service

@@ -119,13 +119,15 @@ class RedirectToHTTPS(resource.Resource):
     redirect a browser elsewhere.
 
     Attributes:
+        certificate: The HTTPS certificate, whose names may be redirected to;
+            replaced when a reload brings a new one.
         https_port: The port in the redirect; set once the HTTPS listener is
             bound (it may have asked for port 0).
     """
 
     isLeaf = True
 
-    def __init__(self, certificate: x509.Certificate, https_port: int) -> None:
+    def __init__(self, certificate: x509.Certificate | None, https_port: int) -> None:
         super().__init__()
         self.certificate = certificate
         self.https_port = https_port
@@ -136,7 +138,12 @@ class RedirectToHTTPS(resource.Resource):
             A short page; the status and ``Location`` say what to do.
         """
         host = _split_host(request.getHeader(b"host") or b"")
-        if host is None or not certificate_covers(self.certificate, host):
+        certificate = self.certificate
+        if (
+            host is None
+            or certificate is None
+            or not certificate_covers(certificate, host)
+        ):
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"This server answers plain HTTP only for its own host names.\n"
@@ -154,7 +161,6 @@ def build_sites(
     web_folder: Path,
     *,
     hsts_max_age: int | None,
-    certificate: x509.Certificate,
     https_port: int,
 ) -> tuple[server.Site, server.Site, RedirectToHTTPS | None]:
     """
@@ -165,16 +171,15 @@ def build_sites(
         hsts_max_age: With a value, HTTPS answers carry HSTS with that
             max-age and plain HTTP redirects to HTTPS; without, plain HTTP
             serves the same files.
-        certificate: The HTTPS certificate, whose names the redirect accepts.
         https_port: The HTTPS port to redirect to.
 
     Returns:
         The HTTPS site, the plain HTTP site, and the redirecting resource
-        (None without HSTS) whose ``https_port`` the caller updates once the
-        HTTPS port is bound.
+        (None without HSTS), whose ``certificate`` the caller sets and whose
+        ``https_port`` it updates once the HTTPS port is bound.
     """
     files = WebFolder(str(web_folder))
     if hsts_max_age is None:
         return server.Site(files), server.Site(files), None
-    redirect = RedirectToHTTPS(certificate, https_port)
+    redirect = RedirectToHTTPS(None, https_port)
     return HSTSSite(files, hsts_header(hsts_max_age)), server.Site(redirect), redirect

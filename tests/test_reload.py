@@ -1,0 +1,270 @@
+"""
+Tests for reloading keys and certificates without a restart, and for the
+expiry warnings.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, LoopingCall
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from tests import support
+from twisted_tls4d import pki, reloader, root, service, settings
+
+
+def _replace_web_certificate(layout: root.RootLayout, common_name: str) -> int:
+    """
+    Give the root's web and SQL servers a new key and certificate from its
+    CA, as an operator installing a renewed certificate would.
+
+    Returns:
+        The new certificate's serial number.
+    """
+    ca = root.load_local_ca(layout)
+    key = pki.generate_private_key()
+    certificate = pki.issue_certificate(
+        ca, key.public_key(), common_name, server_names=root.server_names("testhost")
+    )
+    pki.write_private_key(layout.key, key)
+    pki.write_certificates(layout.cert, [certificate])
+    return certificate.serial_number
+
+
+def _build(layout: root.RootLayout, clock: Any, **values: Any) -> service.Tls4dService:
+    values = {"interface": "127.0.0.1", "https_port": 0, "http_port": 0, **values}
+    return service.build_service(settings.resolve(values, layout.path), clock)
+
+
+def _served_serial(creator: Any) -> int:
+    """The serial number of the certificate a new connection is served."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    raw = support.RawClientCreator(context)
+    support.connect_in_memory(Factory.forProtocol(Protocol), creator, Protocol(), raw)
+    certificate = raw.connections[0].get_peer_certificate(as_cryptography=True)
+    assert certificate is not None
+    return certificate.serial_number
+
+
+class ReloadTests(unittest.TestCase):
+    """
+    A reload serves new connections with the files as they are now, or keeps
+    everything if a file is broken.
+    """
+
+    def setUp(self) -> None:
+        self.layout = support.make_root()
+        self.top = _build(self.layout, Clock(), web=True, app=True)
+        self.creator = self.top.creators["https"]
+
+    def test_new_certificate_served(self) -> None:
+        """After a reload, a new connection gets the newly installed certificate."""
+        before = _served_serial(self.creator)
+        serial = _replace_web_certificate(self.layout, "renewed")
+        self.assertEqual(_served_serial(self.creator), before)
+        with capturedLogs() as events:
+            self.assertTrue(self.top.reload())
+        self.assertEqual(_served_serial(self.creator), serial)
+        self.assertEqual(self.top.identities["https"].certificate.serial_number, serial)
+        self.assertTrue(any("Reload done" in e["log_format"] for e in events))
+
+    def test_established_connection_untouched(self) -> None:
+        """A connection made before a reload goes on with its own certificate."""
+        received: list[bytes] = []
+
+        class Collect(Protocol):
+            def dataReceived(self, data: bytes) -> None:  # noqa: N802
+                received.append(data)
+
+        raw = support.RawClientCreator(SSL.Context(SSL.TLS_METHOD))
+        server, client, pump = support.connect_in_memory(
+            Factory.forProtocol(Protocol), self.creator, Collect(), raw
+        )
+        old = raw.connections[0].get_peer_certificate(as_cryptography=True)
+        _replace_web_certificate(self.layout, "renewed")
+        self.assertTrue(self.top.reload())
+        server.write(b"still here")
+        pump.flush()
+        self.assertEqual(b"".join(received), b"still here")
+        now = raw.connections[0].get_peer_certificate(as_cryptography=True)
+        self.assertEqual(now, old)
+
+    def test_broken_certificate_keeps_configuration(self) -> None:
+        """A broken cert.pem fails the reload, is logged, and changes nothing."""
+        before = _served_serial(self.creator)
+        identities = dict(self.top.identities)
+        self.layout.cert.write_text("not a certificate\n")
+        with capturedLogs() as events:
+            self.assertFalse(self.top.reload())
+        [error] = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertIn(str(self.layout.cert), error["error"])
+        self.assertIn("keep the configuration", error["log_format"])
+        self.assertEqual(_served_serial(self.creator), before)
+        self.assertEqual(self.top.identities, identities)
+
+    def test_mismatched_key_keeps_configuration(self) -> None:
+        """A key that does not match the certificate fails the whole reload."""
+        before = _served_serial(self.top.creators["app"])
+        self.layout.app_key.write_bytes(self.layout.key.read_bytes())
+        self.assertFalse(self.top.reload())
+        self.assertEqual(_served_serial(self.top.creators["app"]), before)
+
+    def test_redirect_follows_certificate(self) -> None:
+        """With HSTS, the redirect takes the names of the reloaded certificate."""
+        top = _build(self.layout, Clock(), web=True, hsts=True)
+        assert top.redirect is not None
+        before = top.redirect.certificate
+        _replace_web_certificate(self.layout, "renewed")
+        self.assertTrue(top.reload())
+        self.assertNotEqual(top.redirect.certificate, before)
+        self.assertEqual(top.redirect.certificate, top.identities["https"].certificate)
+
+
+class ExpiryTests(unittest.TestCase):
+    """
+    Certificates near or past expiry are logged at start and once a day.
+    """
+
+    def setUp(self) -> None:
+        self.layout = support.make_root()
+        self.clock = Clock()
+        self.top = _build(self.layout, self.clock, web=True)
+        self.expires = self.top.identities["https"].certificate.not_valid_after_utc
+
+    def set_time(self, moment: datetime.datetime) -> None:
+        self.clock.advance(moment.timestamp() - self.clock.seconds())
+
+    def expiry_events(self) -> list[dict[str, Any]]:
+        with capturedLogs() as events:
+            self.top.check_expiry()
+        return [e for e in events if "path" in e]
+
+    def test_fresh_certificate_silent(self) -> None:
+        """A certificate with months left is not mentioned."""
+        self.set_time(self.expires - datetime.timedelta(days=200))
+        self.assertEqual(self.expiry_events(), [])
+
+    def test_warning_within_30_days(self) -> None:
+        """A certificate expiring in 10 days is a warning with its days left."""
+        self.set_time(self.expires - datetime.timedelta(days=10, hours=1))
+        [event] = self.expiry_events()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual((event["days"], event["path"]), (10, str(self.layout.cert)))
+
+    def test_error_once_expired(self) -> None:
+        """An expired certificate is an error."""
+        self.set_time(self.expires + datetime.timedelta(days=3, hours=1))
+        [event] = self.expiry_events()
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertEqual(event["days"], 3)
+
+    def test_daily(self) -> None:
+        """Started, the service checks at once and then every day."""
+        for child in list(self.top):
+            child.disownServiceParent()
+        self.set_time(self.expires - datetime.timedelta(days=5, hours=1))
+        with capturedLogs() as events:
+            self.top.startService()
+            self.clock.advance(service.EXPIRY_CHECK_INTERVAL - 1)
+            first = [e.get("days") for e in events if "path" in e]
+            self.clock.advance(1)
+        self.top.stopService()
+        self.assertEqual(first, [5])
+        self.assertEqual([e.get("days") for e in events if "path" in e], [5, 4])
+
+
+@implementer(IHandshakeListener)
+class _Handshaker(Protocol):
+    """
+    Closes once its TLS handshake completes; ``done`` fires when the
+    connection is gone, failing if the handshake never completed.
+    """
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.shook = False
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.shook = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.shook:
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class ReloadUnderLoadTests(unittest.TestCase):
+    """
+    Reloads while clients keep connecting make no handshake fail.
+    """
+
+    @defer.inlineCallbacks
+    def test_no_failed_handshake(self) -> Any:
+        """120 handshakes by 4 clients succeed while the server reloads every 10 ms."""
+        layout = support.make_root()
+        top = _build(layout, reactor, web=True, no_http=True)
+        top.startService()
+        self.addCleanup(top.stopService)
+        port = top.listener("https").port.getHost().port  # type: ignore[union-attr]
+        trust = ssl.Certificate.loadPEM(layout.ca.read_bytes())
+        options = ssl.optionsForClientTLS("localhost", trust)
+        reloads = []
+
+        def reload() -> None:
+            _replace_web_certificate(layout, f"renewed {len(reloads)}")
+            reloads.append(top.reload())
+
+        looping = LoopingCall(reload)
+        looping.start(0.01, now=False)
+        self.addCleanup(lambda: looping.running and looping.stop())
+
+        failures: list[Any] = []
+
+        @defer.inlineCallbacks
+        def client(count: int) -> Any:
+            for _ in range(count):
+                endpoint = wrapClientTLS(
+                    options, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+                )
+                try:
+                    protocol = yield endpoint.connect(Factory.forProtocol(_Handshaker))
+                    yield protocol.done
+                except Exception as e:
+                    failures.append(e)
+
+        yield defer.gatherResults([client(30) for _ in range(4)])
+        looping.stop()
+        self.assertEqual(failures, [])
+        self.assertGreater(len(reloads), 5)
+        self.assertTrue(all(reloads))
+
+
+class ReloadCommandTests(unittest.TestCase):
+    """
+    ``tls4d reload`` signals the processes listed in ROOT/Run/.
+    """
+
+    def test_stale_entries_forgotten(self) -> None:
+        """An entry for a process that is gone is removed, and nobody is signalled."""
+        layout = support.make_root()
+        entry = reloader.register(layout, pid=2**22 + 12345)
+        self.assertEqual(reloader.signal_servers(layout), [])
+        self.assertFalse(entry.exists())
+
+    def test_no_server(self) -> None:
+        """Without a running server, the command fails with one line naming Run/."""
+        from twisted_tls4d import cli
+
+        layout = support.make_root()
+        self.assertEqual(cli.main(["reload", "--root", str(layout.path)]), 1)
