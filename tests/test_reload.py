@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -136,6 +138,9 @@ class ExpiryTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.layout = support.make_root()
+        # Without the CA's key, the root cannot renew its certificates itself,
+        # as with certificates from a public CA.
+        self.layout.ca_key.unlink()
         self.clock = Clock()
         self.top = _build(self.layout, self.clock, web=True)
         self.expires = self.top.identities["https"].certificate.not_valid_after_utc
@@ -180,6 +185,77 @@ class ExpiryTests(unittest.TestCase):
         self.top.stopService()
         self.assertEqual(first, [5])
         self.assertEqual([e.get("days") for e in events if "path" in e], [5, 4])
+
+
+class RenewalTests(unittest.TestCase):
+    """
+    Certificates the root's CA generated renew themselves before expiry.
+    """
+
+    def setUp(self) -> None:
+        self.layout = support.make_root()
+        self.clock = Clock()
+        self.top = _build(self.layout, self.clock, web=True, app=True)
+        self.old = self.top.identities["https"].certificate
+
+    def at(self, days_before_expiry: float) -> list[dict[str, Any]]:
+        moment = self.old.not_valid_after_utc - datetime.timedelta(
+            days=days_before_expiry
+        )
+        self.clock.advance(moment.timestamp() - self.clock.seconds())
+        with capturedLogs() as events:
+            self.top.check_expiry()
+        return list(events)
+
+    def test_generated_lifespan(self) -> None:
+        """A generated server certificate lives 90 days."""
+        lifespan = self.old.not_valid_after_utc - self.old.not_valid_before_utc
+        self.assertEqual(
+            lifespan, datetime.timedelta(days=root.GENERATED_CERTIFICATE_DAYS)
+        )
+
+    def test_not_yet(self) -> None:
+        """With more than 30 days left, nothing is renewed."""
+        self.at(31)
+        self.assertEqual(self.top.identities["https"].certificate, self.old)
+
+    def test_renewed_and_served(self) -> None:
+        """With 20 days left, both generated pairs are renewed, served, and logged."""
+        old_app = self.top.identities["app"].certificate
+        events = self.at(20)
+        new = self.top.identities["https"].certificate
+        self.assertNotEqual(new.serial_number, self.old.serial_number)
+        self.assertNotEqual(self.top.identities["app"].certificate, old_app)
+        self.assertEqual(new.subject, self.old.subject)
+        self.assertEqual(
+            new.extensions.get_extension_for_class(x509.SubjectAlternativeName),
+            self.old.extensions.get_extension_for_class(x509.SubjectAlternativeName),
+        )
+        self.assertEqual(_served_serial(self.top.creators["https"]), new.serial_number)
+        renewals = [e for e in events if "Renewed" in e["log_format"]]
+        self.assertEqual(len(renewals), 2)
+        self.assertFalse([e for e in events if e["log_level"] is LogLevel.warn])
+
+    def test_foreign_certificate_left_alone(self) -> None:
+        """A certificate from another CA is not renewed, only warned about."""
+        other = root.load_local_ca(support.make_root("elsewhere"))
+        key = pki.generate_private_key()
+        certificate = pki.issue_certificate(
+            other, key.public_key(), "localhost", server_names=["localhost"], days=60
+        )
+        pki.write_private_key(self.layout.key, key)
+        pki.write_certificates(self.layout.cert, [certificate])
+        self.assertTrue(self.top.reload())
+        self.old = certificate
+        events = self.at(10)
+        self.assertEqual(self.top.identities["https"].certificate, certificate)
+        self.assertEqual(
+            self.layout.cert.read_bytes(),
+            pki.load_certificates(self.layout.cert)[0].public_bytes(Encoding.PEM),
+        )
+        self.assertIn(
+            10, [e.get("days") for e in events if e["log_level"] is LogLevel.warn]
+        )
 
 
 @implementer(IHandshakeListener)

@@ -6,17 +6,27 @@ missing.
 
 from __future__ import annotations
 
+import datetime
 import re
 import socket
 from pathlib import Path
 
 import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from twisted.logger import Logger
 
 from twisted_tls4d import pki
-from twisted_tls4d.errors import ConfigurationError
+from twisted_tls4d.errors import ConfigurationError, PEMError
 
 _log = Logger()
+
+#: Lifespan of the server certificates a root generates for itself, which
+#: Mozilla's "modern" profile caps at 90 days; they are renewed automatically.
+GENERATED_CERTIFICATE_DAYS = 90
+
+#: A generated certificate is renewed when it has fewer days left than this.
+RENEW_BEFORE_DAYS = 30
 
 _START_PAGE = """\
 <!DOCTYPE html>
@@ -157,6 +167,87 @@ def load_local_ca(layout: RootLayout) -> pki.LocalCA:
     return pki.LocalCA(certificate, key)
 
 
+def _issue_generated(
+    ca: pki.LocalCA, names: list[str], now: datetime.datetime | None = None
+) -> tuple[pki.PrivateKey, x509.Certificate]:
+    """
+    A new key and a `GENERATED_CERTIFICATE_DAYS` server certificate for
+    ``names`` from the root's CA.
+    """
+    key = pki.generate_private_key()
+    certificate = pki.issue_certificate(
+        ca,
+        key.public_key(),
+        names[0],
+        server_names=names,
+        days=GENERATED_CERTIFICATE_DAYS,
+        now=now,
+    )
+    return key, certificate
+
+
+def renew_generated_certificates(
+    layout: RootLayout, now: datetime.datetime | None = None
+) -> list[Path]:
+    """
+    Renew the server certificates that the root's local CA issued itself once
+    they have fewer than `RENEW_BEFORE_DAYS` days left, with a new key each and
+    the same names. Certificates from any other CA are the operator's to renew
+    and are left alone.
+
+    Args:
+        layout: The root.
+        now: The time to judge expiry by; the current time if None.
+
+    Returns:
+        The certificate files renewed (each logged).
+
+    Raises:
+        PEMError: The root's CA files cannot be used.
+    """
+    if not layout.ca_key.exists():
+        return []
+    now = now or pki.utc_now()
+    ca = load_local_ca(layout)
+    renewed = []
+    for servers, key_path, cert_path in layout.server_pairs():
+        try:
+            certificate = pki.load_certificates(cert_path)[0]
+            certificate.verify_directly_issued_by(ca.certificate)
+        except (PEMError, ValueError, TypeError, InvalidSignature):
+            continue
+        left = certificate.not_valid_after_utc - now
+        if left > datetime.timedelta(days=RENEW_BEFORE_DAYS):
+            continue
+        try:
+            names = certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            continue
+        key, new = _issue_generated(
+            ca,
+            [
+                str(n.value)
+                for n in names
+                if isinstance(n, (x509.DNSName, x509.IPAddress))
+            ],
+            now,
+        )
+        pki.write_private_key(key_path, key)
+        pki.write_certificates(cert_path, [new])
+        renewed.append(cert_path)
+        _log.info(
+            "Renewed the generated certificate of the {servers}, {days} days "
+            "before it expired: {path} now {certificate}",
+            servers=servers,
+            days=left.days,
+            path=str(cert_path),
+            certificate=pki.describe(new),
+        )
+    return renewed
+
+
 def bootstrap(layout: RootLayout, hostname: str | None = None) -> list[Path]:
     """
     Create whatever the root lacks: its folders, a start page, a local CA,
@@ -246,10 +337,7 @@ def bootstrap(layout: RootLayout, hostname: str | None = None) -> list[Path]:
         ca = load_local_ca(layout)
         names = server_names(hostname)
         for servers, key_path, cert_path in missing_pairs:
-            key = pki.generate_private_key()
-            certificate = pki.issue_certificate(
-                ca, key.public_key(), names[0], server_names=names
-            )
+            key, certificate = _issue_generated(ca, names)
             pki.write_private_key(key_path, key)
             note(key_path, f"the ECDSA P-256 private key of the {servers} (mode 0600)")
             pki.write_certificates(cert_path, [certificate])

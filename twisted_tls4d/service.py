@@ -337,10 +337,18 @@ class Tls4dService(MultiService):
 
     def check_expiry(self) -> None:
         """
-        Log each served certificate that expired (an error) or expires within
-        `EXPIRY_WARNING_DAYS` (a warning), with its days left.
+        Renew the root's generated certificates that near expiry (and reload
+        them), then log each served certificate that expired (an error) or
+        expires within `EXPIRY_WARNING_DAYS` (a warning), with its days left.
         """
         now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+        try:
+            renewed = root.renew_generated_certificates(self.layout, now)
+        except (Tls4dError, OSError) as e:
+            _log.error("Cannot renew generated certificates: {error}", error=str(e))
+            renewed = []
+        if renewed:
+            self.reload()
         seen: set[Path] = set()
         for listener in self.listeners:
             identity = self.identities.get(listener.name)
