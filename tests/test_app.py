@@ -9,8 +9,10 @@ it with the real client and the real command.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import io
+import ipaddress
 import json
 import os
 import sys
@@ -20,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import defer, reactor
+from service_identity import VerificationError
+from service_identity.exceptions import IPAddressMismatch
+from service_identity.hazmat import IPAddress_ID
+from twisted.internet import defer, error, reactor
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -35,13 +40,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tests import support
-from twisted_tls4d import pki
+from twisted_tls4d import pki, root, tls
 from twisted_tls4d.app import command, wire
 from twisted_tls4d.app.client import (
     AppClient,
     AppClientProtocol,
     AppConnectionError,
     connect,
+    describe_tls_failure,
 )
 from twisted_tls4d.app.protocol import AppServerFactory, AppServerProtocol
 from twisted_tls4d.app.wire import AppError
@@ -78,6 +84,139 @@ def _foreign() -> ClientIdentity:
         for the server.
     """
     return support.trusting(support.make_foreign_identity("mallory"), _root())
+
+
+def _issued_in_the_past(
+    layout: RootLayout, name: str, *, client: bool, server_names: list[str]
+) -> tuple[Path, Path]:
+    """
+    Write a key and a certificate signed by ``layout``'s CA that was valid
+    for three days, ten days ago.
+
+    Returns:
+        The key file and the certificate file, in a new folder.
+    """
+    folder = support.temporary_folder("tls4d-expired-")
+    key = pki.generate_private_key()
+    issued = pki.utc_now() - datetime.timedelta(days=10)
+    certificate = pki.issue_certificate(
+        root.load_local_ca(layout),
+        key.public_key(),
+        name,
+        client=client,
+        server_names=server_names,
+        days=3,
+        now=issued,
+    )
+    pki.write_private_key(folder / "key.pem", key)
+    pki.write_certificates(folder / "cert.pem", [certificate])
+    return folder / "key.pem", folder / "cert.pem"
+
+
+def expired_client_identity(layout: RootLayout) -> ClientIdentity:
+    """
+    Returns:
+        A client identity signed by ``layout``'s CA, trusting it for the
+        server, whose certificate expired a week ago.
+    """
+    key, cert = _issued_in_the_past(layout, "old", client=True, server_names=[])
+    return ClientIdentity(key, cert, layout.ca)
+
+
+def expired_server_creator(layout: RootLayout) -> tls.ServerConnectionCreator:
+    """
+    Returns:
+        A server connection creator like the root's, but serving a
+        certificate for localhost and 127.0.0.1 that expired a week ago.
+    """
+    key, cert = _issued_in_the_past(
+        layout, "testhost", client=False, server_names=["localhost", "127.0.0.1"]
+    )
+    context = tls.build_context(
+        tls.TLSPolicy(dh_parameters=layout.dhparams),
+        tls.load_identity(cert, key),
+        tls.load_client_cas(layout.ca),
+    )
+    return tls.ServerConnectionCreator(context)
+
+
+class ScriptedServer(Protocol):
+    """
+    A server playing a part no tls4d server plays: it sends given bytes as
+    soon as it can, closes at once, or says nothing at all.
+    """
+
+    def __init__(self, send: bytes, close: bool, ended: defer.Deferred[None]) -> None:
+        self.send = send
+        self.close = close
+        self.ended = ended
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Send what there is to send, and close if told to."""
+        if self.send:
+            self.transport.write(self.send)  # type: ignore[union-attr]
+        if self.close:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        """Let the test know this connection is over."""
+        self.ended.callback(None)
+
+
+class ScriptedServerFactory(Factory):
+    """
+    Builds `ScriptedServer` protocols and keeps a Deferred for the end of
+    each connection.
+    """
+
+    def __init__(self, send: bytes = b"", close: bool = False) -> None:
+        self.send = send
+        self.close = close
+        self.ended: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> ScriptedServer:  # noqa: N802
+        """Build a server that plays the factory's part."""
+        ended: defer.Deferred[None] = defer.Deferred()
+        self.ended.append(ended)
+        return ScriptedServer(self.send, self.close, ended)
+
+
+def listen_scripted(
+    case: TestCase,
+    *,
+    send: bytes = b"",
+    close: bool = False,
+    creator: tls.ServerConnectionCreator | None = None,
+) -> int:
+    """
+    Listen on a free 127.0.0.1 port with a `ScriptedServer`, behind TLS if
+    ``creator`` is given, until ``case`` ends and every connection is over.
+
+    Returns:
+        The port.
+    """
+    factory = ScriptedServerFactory(send, close)
+    listening = reactor.listenTCP(
+        0,
+        TLSMemoryBIOFactory(creator, False, factory) if creator else factory,
+        interface="127.0.0.1",
+    )
+    case.addCleanup(lambda: defer.gatherResults(factory.ended))
+    case.addCleanup(listening.stopListening)
+    return int(listening.getHost().port)
+
+
+async def closed_port() -> int:
+    """
+    Returns:
+        A 127.0.0.1 port that was free a moment ago and has nobody listening.
+    """
+    listening = reactor.listenTCP(
+        0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+    )
+    number = int(listening.getHost().port)
+    await defer.maybeDeferred(listening.stopListening)
+    return number
 
 
 def _capture_logs(test: SynchronousTestCase) -> list[dict[str, Any]]:
@@ -639,7 +778,7 @@ class ClientTests(_InMemoryTestCase):
         factory: Factory | None = None,
     ) -> tuple[AppClient, _Connection]:
         """Connect an `AppClient` in memory to a server built by ``factory``."""
-        protocol = AppClientProtocol(peer="testhost:19813")
+        protocol = AppClientProtocol(peer="testhost:19813", identity=identity)
         connection = _Connection(
             factory or RecordingFactory(clock=Clock()),
             protocol,
@@ -716,17 +855,26 @@ class ClientTests(_InMemoryTestCase):
         self.failureResultOf(client.call("ping"), AppConnectionError)
 
     def test_refused_certificate(self) -> None:
-        """A server refusing the client's certificate fails the call with the reason."""
+        """
+        A server refusing the client's certificate fails the call with one
+        sentence; OpenSSL's own words stay in the error's detail.
+        """
         client, connection = self.connect_client(_foreign())
         call = client.call("ping")
         connection.pump.flush()
         error = self.failureResultOf(call, AppConnectionError).value
-        self.assertIn("does not trust the CA", str(error))
+        self.assertEqual(
+            str(error),
+            "The TLS handshake with testhost:19813 failed: the server refused this "
+            "client's certificate: the server does not trust the CA that issued "
+            "it; use an identity from 'tls4d client' for that server's root.",
+        )
+        self.assertIn("alert unknown ca", error.detail or "")
 
     def test_untrusted_server(self) -> None:
         """A server certificate from a CA the client does not trust fails TLS."""
         stranger = support.make_foreign_identity("stranger")
-        protocol = AppClientProtocol(peer="testhost:19813")
+        protocol = AppClientProtocol(peer="testhost:19813", identity=stranger)
         handshake = protocol.wait_for_handshake()
         _Connection(
             RecordingFactory(clock=Clock()),
@@ -735,8 +883,63 @@ class ClientTests(_InMemoryTestCase):
             Clock(),
         )
         error = self.failureResultOf(handshake, AppConnectionError).value
-        self.assertIn("TLS handshake with testhost:19813 failed", str(error))
-        self.assertIn("not issued by a CA this client trusts", str(error))
+        self.assertEqual(
+            str(error),
+            "The TLS handshake with testhost:19813 failed: the server's "
+            f"certificate is not signed by the CA in {stranger.ca}.",
+        )
+        self.assertIn("certificate verify failed", error.detail or "")
+
+    def test_host_not_covered(self) -> None:
+        """
+        Dialling an address the server's certificate does not cover fails
+        the handshake naming that address and the fix, without Python's
+        representation of service-identity's error.
+        """
+        protocol = AppClientProtocol(peer="127.0.0.2:19813", host="127.0.0.2")
+        handshake = protocol.wait_for_handshake()
+        _Connection(
+            RecordingFactory(clock=Clock()),
+            protocol,
+            support.client_options(_alice(), host="127.0.0.2"),
+            Clock(),
+        )
+        error = self.failureResultOf(handshake, AppConnectionError).value
+        self.assertEqual(
+            str(error),
+            "The TLS handshake with 127.0.0.2:19813 failed: the server's "
+            "certificate does not cover the host name or address dialled "
+            "(127.0.0.2); use --host with a name it covers.",
+        )
+        self.assertIn("IPAddressMismatch", error.detail or "")
+
+    def test_expired_client_certificate(self) -> None:
+        """A server refusing an expired client certificate is reported as such."""
+        expired = expired_client_identity(_root())
+        client, connection = self.connect_client(expired)
+        call = client.call("ping")
+        connection.pump.flush()
+        error = self.failureResultOf(call, AppConnectionError).value
+        self.assertEqual(
+            str(error),
+            "The TLS handshake with testhost:19813 failed: this client's "
+            f"certificate ({expired.cert}) has expired; issue a new one with "
+            "'tls4d client'.",
+        )
+
+    def test_expired_server_certificate(self) -> None:
+        """A server whose certificate expired is told apart from an unknown CA."""
+        protocol = AppClientProtocol(peer="testhost:19813", identity=_alice())
+        handshake = protocol.wait_for_handshake()
+        support.connect_in_memory(
+            RecordingFactory(clock=Clock()),
+            expired_server_creator(_root()),
+            protocol,
+            support.client_options(_alice()),
+        )
+        message = str(self.failureResultOf(handshake, AppConnectionError).value)
+        self.assertIn("failed: the server's certificate expired on ", message)
+        self.assertTrue(message.endswith(" (UTC)."), message)
 
     def test_frame_too_large_fails_calls(self) -> None:
         """A request over the server's limit fails with frame_too_large."""
@@ -808,6 +1011,129 @@ class ClientProtocolTests(SynchronousTestCase):
         call.cancel()
         self.failureResultOf(call, defer.CancelledError)
         self.protocol.dataReceived(wire.encode_frame({"id": 1, "result": "pong"}))
+
+    def test_sql_server_greeting(self) -> None:
+        """
+        The SQL server's greeting, read as a frame length, is reported at
+        once as another protocol, naming the peer and the likely cause.
+        """
+        call = self.protocol.call("ping", {})
+        self.protocol.dataReceived(b'{"hello":{"protocol":1,"server":"tls4d"}}\n')
+        self.assertTrue(self.transport.disconnected)
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(
+            str(self.failureResultOf(call, AppConnectionError).value),
+            "example:1 does not speak the application protocol: it greets like "
+            "the tls4d SQL server; is that the application server's port (19813 "
+            "by default)?",
+        )
+        later = self.failureResultOf(self.protocol.call("ping", {}))
+        self.assertIn("does not speak the application protocol", str(later.value))
+
+    def test_other_protocol(self) -> None:
+        """Text where a frame length belongs is shown as another protocol."""
+        call = self.protocol.call("ping", {})
+        self.protocol.dataReceived(b"HTTP/1.1 400 Bad")
+        self.protocol.dataReceived(b" Request\r\n\r\n")
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(
+            str(self.failureResultOf(call, AppConnectionError).value),
+            "example:1 does not speak the application protocol: it sent "
+            "'HTTP/1.1 400 Bad Request' where an answer belongs; is that the "
+            "application server's port (19813 by default)?",
+        )
+
+    def test_answer_over_limit(self) -> None:
+        """A binary length over the client's limit is reported as too large."""
+        call = self.protocol.call("ping", {})
+        self.protocol.dataReceived(wire.HEADER.pack(65 * 1024 * 1024))
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+        message = str(self.failureResultOf(call, AppConnectionError).value)
+        self.assertIn("an answer of 68157440 bytes, over this client's limit", message)
+
+
+class TLSFailureWordingTests(SynchronousTestCase):
+    """
+    `describe_tls_failure`, which words TLS failures for both clients.
+    """
+
+    identity = ClientIdentity.from_directory(Path("id"))
+
+    def describe(self, value: BaseException, **kwargs: Any) -> str | None:
+        """Describe ``value`` for a client of ``identity`` that dialled 127.0.0.2."""
+        return describe_tls_failure(
+            value, host="127.0.0.2", identity=self.identity, **kwargs
+        )
+
+    def test_openssl_reasons(self) -> None:
+        """Each common OpenSSL reason becomes a sentence naming the fix."""
+        cases = {
+            "tlsv1 alert unknown ca": "the server refused this client's "
+            "certificate: the server does not trust the CA that issued it; use an "
+            "identity from 'tls4d client' for that server's root",
+            "tls alert certificate expired": "this client's certificate "
+            "(id/cert.pem) has expired; issue a new one with 'tls4d client'",
+            "certificate verify failed": "the server's certificate is not signed "
+            "by the CA in id/ca.pem",
+            "tlsv13 alert certificate required": "the server requires a client "
+            "certificate and got none it accepts",
+            "wrong version number": "the server does not speak TLS on this port",
+            "tlsv1 alert protocol version": "the server accepts none of the TLS "
+            "versions this client offers",
+            "sslv3 alert illegal parameter": "TLS failed (sslv3 alert illegal "
+            "parameter)",
+        }
+        for reason, expected in cases.items():
+            error = SSL.Error([("SSL routines", "", reason)])
+            self.assertEqual(self.describe(error), expected, reason)
+
+    def test_host_mismatch(self) -> None:
+        """service-identity's error becomes the address dialled and the fix."""
+        mismatch = IPAddressMismatch(
+            mismatched_id=IPAddress_ID(ipaddress.ip_address("127.0.0.2"))
+        )
+        self.assertEqual(
+            self.describe(VerificationError(errors=[mismatch])),
+            "the server's certificate does not cover the host name or address "
+            "dialled (127.0.0.2); use --host with a name it covers",
+        )
+
+    def test_server_certificate_dates(self) -> None:
+        """A failed verification names an expired or future server certificate."""
+        layout = _root()
+        _, cert = _issued_in_the_past(
+            layout, "testhost", client=False, server_names=["localhost"]
+        )
+        expired = pki.load_certificates(cert)[0]
+        verify_failed = SSL.Error([("SSL routines", "", "certificate verify failed")])
+        expiry = expired.not_valid_after_utc
+        self.assertEqual(
+            self.describe(verify_failed, server_certificate=expired),
+            f"the server's certificate expired on {expiry:%Y-%m-%d} (UTC)",
+        )
+        key = pki.generate_private_key()
+        start = pki.utc_now() + datetime.timedelta(days=2)
+        future = pki.issue_certificate(
+            root.load_local_ca(layout),
+            key.public_key(),
+            "testhost",
+            server_names=["localhost"],
+            now=start,
+        )
+        self.assertIn(
+            "is not valid before",
+            self.describe(verify_failed, server_certificate=future),
+        )
+        current = pki.load_certificates(layout.cert)[0]
+        self.assertEqual(
+            self.describe(verify_failed, server_certificate=current),
+            "the server's certificate is not signed by the CA in id/ca.pem",
+        )
+
+    def test_not_tls(self) -> None:
+        """Other failures are left to the caller."""
+        self.assertIsNone(self.describe(error.ConnectionRefusedError()))
+        self.assertIsNone(self.describe(error.ConnectionDone()))
 
 
 class WireTests(SynchronousTestCase):
@@ -1138,3 +1464,92 @@ class EndToEndTests(TestCase):
         lines = err.decode().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("does not trust the CA", lines[0])
+
+    async def assert_one_line_failure(self, *argv: str) -> str:
+        """
+        Run ``tls4d app ARGV`` and check that it fails with status 1, nothing
+        on standard output and exactly one line on standard error.
+
+        Returns:
+            That line.
+        """
+        out, err, status = await self.run_command("app", *argv)
+        self.assertEqual((status, out), (1, b""), err)
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("tls4d: "), lines)
+        return lines[0]
+
+    def common(self, port: int) -> list[str]:
+        """The options that reach ``port`` on 127.0.0.1 as alice."""
+        return ["--host", "127.0.0.1", "--port", str(port)] + [
+            "--identity",
+            str(_alice().key.parent),
+        ]
+
+    async def test_command_sql_server_port(self) -> None:
+        """Pointed at an SQL server, the command says so at once, in one line."""
+        port = listen_scripted(
+            self,
+            send=b'{"hello":{"protocol":1,"server":"tls4d","client":"alice"}}\n',
+            creator=support.server_creator(_root()),
+        )
+        line = await self.assert_one_line_failure("ping", *self.common(port))
+        self.assertEqual(
+            line,
+            f"tls4d: 127.0.0.1:{port} does not speak the application protocol: it "
+            "greets like the tls4d SQL server; is that the application server's "
+            "port (19813 by default)?",
+        )
+
+    async def test_command_silent_tls_server(self) -> None:
+        """A TLS server that never answers ends the command after --timeout."""
+        port = listen_scripted(self, creator=support.server_creator(_root()))
+        line = await self.assert_one_line_failure(
+            "ping", "--timeout", "0.5", *self.common(port)
+        )
+        self.assertEqual(
+            line,
+            f"tls4d: No answer from 127.0.0.1:{port} within 0.5 s; is that the "
+            "application server's port (19813 by default)?",
+        )
+
+    async def test_command_silent_plain_server(self) -> None:
+        """A server that never completes the TLS handshake is named as such."""
+        port = listen_scripted(self)
+        line = await self.assert_one_line_failure(
+            "ping", "--timeout", "0.5", *self.common(port)
+        )
+        self.assertIn(f"No TLS handshake with 127.0.0.1:{port} within 0.5 s", line)
+
+    async def test_command_server_closes(self) -> None:
+        """A server that closes at once ends the command in one line."""
+        port = listen_scripted(self, close=True)
+        line = await self.assert_one_line_failure("ping", *self.common(port))
+        self.assertEqual(
+            line,
+            f"tls4d: The TLS handshake with 127.0.0.1:{port} failed: the server "
+            "closed the connection; check that this is the application server's port.",
+        )
+
+    async def test_command_not_tls(self) -> None:
+        """A server that answers in clear text ends the command in one line."""
+        port = listen_scripted(self, send=b"SSH-2.0-OpenSSH_9.6\r\n")
+        line = await self.assert_one_line_failure("ping", *self.common(port))
+        self.assertIn("the server does not speak TLS on this port", line)
+
+    async def test_command_connection_refused(self) -> None:
+        """A closed port ends the command in one line."""
+        port = await closed_port()
+        line = await self.assert_one_line_failure("whoami", *self.common(port))
+        self.assertIn(f"Cannot connect to 127.0.0.1:{port}: the connection was", line)
+
+    async def test_command_identity_incomplete(self) -> None:
+        """An identity folder without its ca.pem ends the command in one line."""
+        folder = support.temporary_folder("tls4d-partial-")
+        for name in ("key.pem", "cert.pem"):
+            (folder / name).write_bytes((_alice().key.parent / name).read_bytes())
+        line = await self.assert_one_line_failure(
+            "ping", "--port", str(self.port_number), "--identity", str(folder)
+        )
+        self.assertIn(str(folder / "ca.pem"), line)

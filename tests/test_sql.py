@@ -9,6 +9,8 @@ real database threads.
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import math
 import os
@@ -16,13 +18,19 @@ import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet import defer, reactor, task
-from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionDone,
+    ProcessDone,
+    ProcessTerminated,
+)
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -33,8 +41,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests import support
+from tests.test_app import closed_port, expired_client_identity, listen_scripted
 from twisted_tls4d import clienttls, pki
-from twisted_tls4d.sql import wire
+from twisted_tls4d.app.client import describe_tls_failure
+from twisted_tls4d.sql import command, wire
 from twisted_tls4d.sql.client import (
     Result,
     SQLClient,
@@ -861,6 +871,84 @@ class ClientInMemoryTests(_InMemoryCase):
         self.failureResultOf(client.execute("   "), ValueError)
 
 
+class ClientProtocolTests(unittest.SynchronousTestCase):
+    """
+    The client protocol against servers that are not the SQL server.
+    """
+
+    def setUp(self) -> None:
+        """Connect a client protocol to a string transport, handshake done."""
+        self.transport = StringTransport()
+        self.protocol = _SQLClientProtocol("example:1")
+        self.protocol.makeConnection(self.transport)
+        self.protocol.handshakeCompleted()
+
+    def test_binary_instead_of_greeting(self) -> None:
+        """
+        A first byte that cannot start a greeting drops the connection at
+        once, without waiting for a line end.
+        """
+        self.protocol.dataReceived(b"\x00\x00\x00\x1c")
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(self.protocol.greeted, SQLConnectionError).value
+        self.assertEqual(
+            str(error),
+            "example:1 does not speak the tls4d SQL protocol: it sent "
+            "'\\x00\\x00\\x00\\x1c' where the greeting belongs; is that the "
+            "SQL server's port (19812 by default)?",
+        )
+
+    def test_json_other_than_greeting(self) -> None:
+        """A JSON line that is not the greeting is refused, suggesting the port."""
+        self.protocol.dataReceived(b'{"id": 1, "result": "pong"}\n')
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(self.protocol.greeted, SQLConnectionError).value
+        self.assertEqual(
+            str(error),
+            "The server at example:1 did not greet as a tls4d SQL server; is that "
+            "the SQL server's port (19812 by default)?",
+        )
+
+    def test_greeting_in_pieces(self) -> None:
+        """A greeting that arrives a byte at a time is still a greeting."""
+        greeting = wire.encode_line(wire.hello("alice"))
+        for index in range(len(greeting)):
+            self.protocol.dataReceived(greeting[index : index + 1])
+        self.assertEqual(self.successResultOf(self.protocol.greeted)["client"], "alice")
+
+
+class CommandOptionTests(unittest.SynchronousTestCase):
+    """
+    The options of ``tls4d sql``.
+    """
+
+    def parse_error(self, *argv: str) -> str:
+        """Parse ``tls4d sql ARGV``, expecting misuse; return what argparse printed."""
+        parser = argparse.ArgumentParser(prog="tls4d")
+        command.add_parser(parser.add_subparsers(required=True))
+        stderr = io.StringIO()
+        with redirect_stderr(stderr), self.assertRaises(SystemExit) as raised:
+            parser.parse_args(["sql", *argv])
+        self.assertEqual(raised.exception.code, 2)
+        return stderr.getvalue()
+
+    def test_bad_timeout(self) -> None:
+        """A timeout that is not a positive number is misuse, naming the value."""
+        for value in ("-1", "0", "nan", "soon"):
+            self.assertIn(
+                f"'{value}' is not a positive number of seconds",
+                self.parse_error("--timeout", value),
+            )
+
+    def test_bad_port(self) -> None:
+        """A port outside 1-65535 is misuse, naming the value."""
+        for value in ("0", "99999", "sql"):
+            self.assertIn(
+                f"'{value}' is not a TCP port", self.parse_error("--port", value)
+            )
+
+
 class _ServerCase(unittest.TestCase):
     """
     An SQL server listening on a loopback port with its own database threads.
@@ -986,7 +1074,13 @@ class EndToEndTests(_ServerCase):
         self.addCleanup(other.stopListening)
         with self.assertRaises(SQLConnectionError) as caught:
             await connect(reactor, "127.0.0.2", other.getHost().port, self.identity)
-        self.assertIn("does not cover that host name", str(caught.exception))
+        self.assertEqual(
+            str(caught.exception),
+            f"The TLS handshake with 127.0.0.2:{other.getHost().port} failed: the "
+            "server's certificate does not cover the host name or address dialled "
+            "(127.0.0.2); use --host with a name it covers.",
+        )
+        self.assertIn("IPAddressMismatch", caught.exception.detail or "")
 
     async def test_foreign_client_refused(self) -> None:
         """
@@ -1000,7 +1094,15 @@ class EndToEndTests(_ServerCase):
             await connect(
                 reactor, "127.0.0.1", port, support.trusting(foreign, self.layout)
             )
+        # The application client words the same failure the same way.
+        unknown_ca = SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])
+        self.assertEqual(
+            str(caught.exception),
+            f"The TLS handshake with 127.0.0.1:{port} failed: "
+            f"{describe_tls_failure(unknown_ca)}.",
+        )
         self.assertIn("refused this client's certificate", str(caught.exception))
+        self.assertIn("alert unknown ca", caught.exception.detail or "")
 
     async def test_server_not_trusted(self) -> None:
         """
@@ -1013,7 +1115,92 @@ class EndToEndTests(_ServerCase):
         )
         with self.assertRaises(SQLConnectionError) as caught:
             await connect(reactor, "127.0.0.1", port, distrusting)
-        self.assertIn("not signed by the CA", str(caught.exception))
+        self.assertEqual(
+            str(caught.exception),
+            f"The TLS handshake with 127.0.0.1:{port} failed: the server's "
+            f"certificate is not signed by the CA in {distrusting.ca}.",
+        )
+
+    async def test_expired_client_certificate(self) -> None:
+        """
+        A client whose certificate expired is told so, naming the file.
+        """
+        port = await self.start_server()
+        expired = expired_client_identity(self.layout)
+        with self.assertRaises(SQLConnectionError) as caught:
+            await connect(reactor, "127.0.0.1", port, expired)
+        self.assertEqual(
+            str(caught.exception),
+            f"The TLS handshake with 127.0.0.1:{port} failed: this client's "
+            f"certificate ({expired.cert}) has expired; issue a new one with "
+            "'tls4d client'.",
+        )
+
+    async def test_no_greeting(self) -> None:
+        """
+        A TLS server that never greets (the application server, say) fails
+        connect after the timeout, asking whether it is the SQL server's port.
+        """
+        await self.start_server()
+        port = listen_scripted(self, creator=support.server_creator(self.layout))
+        with self.assertRaises(SQLConnectionError) as caught:
+            await connect(reactor, "127.0.0.1", port, self.identity, timeout=0.3)
+        self.assertEqual(
+            str(caught.exception),
+            f"No SQL server greeting from 127.0.0.1:{port} within 0.3 s; is that "
+            "the SQL server's port (19812 by default)?",
+        )
+
+    async def test_no_tls_handshake(self) -> None:
+        """
+        A server that never completes the TLS handshake fails connect after
+        the timeout, saying so.
+        """
+        await self.start_server()
+        port = listen_scripted(self)
+        with self.assertRaises(SQLConnectionError) as caught:
+            await connect(reactor, "127.0.0.1", port, self.identity, timeout=0.3)
+        self.assertIn(
+            f"No TLS handshake with 127.0.0.1:{port} within 0.3 s",
+            str(caught.exception),
+        )
+
+    async def test_server_closes_at_once(self) -> None:
+        """
+        A server that closes the connection at once fails connect naming the
+        peer and the likely cause.
+        """
+        await self.start_server()
+        port = listen_scripted(self, close=True)
+        with self.assertRaises(SQLConnectionError) as caught:
+            await connect(reactor, "127.0.0.1", port, self.identity)
+        self.assertEqual(
+            str(caught.exception),
+            f"The TLS handshake with 127.0.0.1:{port} failed: the server closed "
+            "the connection; check that this is the SQL server's port.",
+        )
+
+    async def test_other_protocol_at_once(self) -> None:
+        """
+        A TLS server that sends something other than a greeting fails connect
+        at once, well before the timeout.
+        """
+        await self.start_server()
+        port = listen_scripted(
+            self,
+            send=b'\x00\x00\x00\x09{"id":1}',
+            creator=support.server_creator(self.layout),
+        )
+        started = reactor.seconds()
+        with self.assertRaises(SQLConnectionError) as caught:
+            await connect(reactor, "127.0.0.1", port, self.identity, timeout=60)
+        self.assertLess(reactor.seconds() - started, 30)
+        self.assertEqual(
+            str(caught.exception),
+            f"127.0.0.1:{port} does not speak the tls4d SQL protocol: it sent "
+            "'\\x00\\x00\\x00\\t{\"id\":1}' where the greeting belongs; is "
+            "that the SQL server's port (19812 by default)?",
+        )
 
 
 class _Process(ProcessProtocol):
@@ -1165,3 +1352,68 @@ class CommandTests(_ServerCase):
         self.assertEqual(status, 1)
         self.assertEqual(err.count("\n"), 1)
         self.assertIn("Cannot connect to the SQL server at 127.0.0.1", err)
+
+    async def assert_one_line_failure(self, *args: str) -> str:
+        """
+        Run ``tls4d sql ARGS`` and check that it fails with status 1, nothing
+        on standard output and exactly one line on standard error.
+
+        Returns:
+            That line.
+        """
+        status, out, err = await self.tls4d_sql(*args)
+        self.assertEqual((status, out), (1, ""), err)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("tls4d: "), lines)
+        return lines[0]
+
+    async def test_application_server_port(self) -> None:
+        """
+        A TLS server that never greets ends the command after --timeout with
+        one line asking whether it is the SQL server's port.
+        """
+        await self.start_server()
+        port = listen_scripted(self, creator=support.server_creator(self.layout))
+        line = await self.assert_one_line_failure(
+            *self.identity_args(port), "--timeout", "0.5", "-e", "SELECT 1"
+        )
+        self.assertEqual(
+            line,
+            f"tls4d: No SQL server greeting from 127.0.0.1:{port} within 0.5 s; is "
+            "that the SQL server's port (19812 by default)?",
+        )
+
+    async def test_other_protocol(self) -> None:
+        """A server sending another protocol ends the command in one line."""
+        await self.start_server()
+        port = listen_scripted(
+            self,
+            send=b"HTTP/1.1 400 Bad Request\r\n\r\n",
+            creator=support.server_creator(self.layout),
+        )
+        line = await self.assert_one_line_failure(
+            *self.identity_args(port), "-e", "SELECT 1"
+        )
+        self.assertIn("does not speak the tls4d SQL protocol: it sent 'HTTP/1.1", line)
+
+    async def test_server_closes_at_once(self) -> None:
+        """A server that closes at once ends the command in one line."""
+        await self.start_server()
+        port = listen_scripted(self, close=True)
+        line = await self.assert_one_line_failure(
+            *self.identity_args(port), "-e", "SELECT 1"
+        )
+        self.assertIn("the server closed the connection", line)
+
+    async def test_identity_incomplete(self) -> None:
+        """An identity folder without its ca.pem ends the command in one line."""
+        await self.start_server()
+        folder = support.temporary_folder("tls4d-partial-")
+        _remove_later(self, folder / "key.pem")
+        for name in ("key.pem", "cert.pem"):
+            (folder / name).write_bytes((self.identity.key.parent / name).read_bytes())
+        line = await self.assert_one_line_failure(
+            "--port", str(await closed_port()), "--identity", str(folder), "-e", "1"
+        )
+        self.assertIn(str(folder / "ca.pem"), line)

@@ -9,9 +9,11 @@ requests itself and matches each answer to its request by id.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any, cast
 
+from cryptography import x509
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
@@ -31,6 +33,8 @@ from zope.interface import implementer
 
 from twisted_tls4d import clienttls
 from twisted_tls4d.app.wire import (
+    DEFAULT_PORT,
+    HEADER,
     AppError,
     FrameDecodeError,
     decode_payload,
@@ -48,6 +52,9 @@ __all__ = [
     "blocking_call",
     "connect",
     "describe_connection_failure",
+    "describe_tls_failure",
+    "failure_detail",
+    "server_certificate_of",
 ]
 
 #: The largest answer the client reads, in bytes. Larger than the server's
@@ -58,25 +65,54 @@ DEFAULT_CLIENT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Seconds to wait for the TCP connection when none is given.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
-#: What the TLS alerts a server sends to a refused client mean for its user.
+#: How many of the first bytes from a server an error message shows when
+#: they are not the application protocol.
+_SHOWN_BYTES = 24
+
+#: What the TLS alerts a server sends to a refused client mean for its user;
+#: ``{cert}`` stands for the client's certificate file.
 _REFUSAL_ALERTS = {
-    "certificate required": "the server requires a client certificate",
-    "unknown ca": "the server does not trust the CA that issued this client's "
-    "certificate",
-    "bad certificate": "the server refused this client's certificate",
-    "certificate unknown": "the server refused this client's certificate",
-    "certificate expired": "the server says this client's certificate has expired",
+    "certificate required": "the server requires a client certificate and got "
+    "none it accepts",
+    "unknown ca": "the server refused this client's certificate: the server does "
+    "not trust the CA that issued it; use an identity from 'tls4d client' for "
+    "that server's root",
+    "bad certificate": "the server refused this client's certificate ({cert})",
+    "certificate unknown": "the server refused this client's certificate ({cert})",
+    "certificate revoked": "the server refused this client's certificate "
+    "({cert}): it is revoked",
+    "certificate expired": "this client's certificate ({cert}) has expired; "
+    "issue a new one with 'tls4d client'",
     "unsupported certificate": "the server refused this client's certificate "
-    "(not meant for client authentication)",
-    "decrypt error": "the server could not verify this client's certificate signature",
+    "({cert}): it is not meant for client authentication",
+    "decrypt error": "the server could not verify this client's signature; "
+    "check that the key belongs to the certificate ({cert})",
+    "protocol version": "the server accepts none of the TLS versions this "
+    "client offers",
+    "handshake failure": "the server and this client have no cipher suite or "
+    "key exchange group in common",
+    "insufficient security": "the server and this client have no cipher suite "
+    "or key exchange group in common",
 }
+
+#: OpenSSL reasons that mean the peer answered the handshake with something
+#: other than TLS.
+_NOT_TLS_REASONS = ("wrong version number", "packet length too long", "record layer")
 
 
 class AppConnectionError(Tls4dError):
     """
     The client could not connect to the application server, the TLS
     handshake failed, or the connection ended before an answer arrived.
+
+    Attributes:
+        detail: What Twisted or OpenSSL said of the failure, for debugging;
+            None when the message says it all.
     """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def _tls_error_text(value: SSL.Error) -> str:
@@ -93,51 +129,146 @@ def _tls_error_text(value: SSL.Error) -> str:
     return "; ".join(reasons) or str(value)
 
 
-def describe_connection_failure(reason: Failure) -> str:
+def failure_detail(value: object) -> str:
+    """
+    Returns:
+        The exception as Python shows it, for an error's ``detail``.
+    """
+    return repr(value)
+
+
+def server_certificate_of(transport: object) -> x509.Certificate | None:
+    """
+    Find the certificate a server presented, even one that failed
+    verification, for telling why it failed.
+
+    Args:
+        transport: The TLS transport of a client connection (what the
+            protocol's ``transport`` is).
+
+    Returns:
+        The server's leaf certificate, or None if the handshake did not get
+        that far or the transport is not TLS.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        connection = get_handle()
+        chain = connection.get_verified_chain()
+        certificate = chain[0] if chain else connection.get_peer_certificate()
+    except (AttributeError, SSL.Error):
+        return None
+    if certificate is None:
+        return None
+    return cast(x509.Certificate, certificate.to_cryptography())
+
+
+def describe_tls_failure(
+    value: object,
+    *,
+    host: str | None = None,
+    identity: clienttls.ClientIdentity | None = None,
+    server_certificate: x509.Certificate | None = None,
+) -> str | None:
+    """
+    Put a failed TLS handshake into words a user can act on. The application
+    and SQL clients both word TLS failures with this function.
+
+    Args:
+        value: Why the connection failed.
+        host: The host name or address dialled.
+        identity: The client's identity, to name its files.
+        server_certificate: The certificate the server presented, if known
+            (see `server_certificate_of`), to tell an expired one.
+
+    Returns:
+        A phrase without a final period, such as "the server's certificate is
+        not signed by the CA in alice/ca.pem", or None if ``value`` is not a
+        TLS failure.
+    """
+    if isinstance(value, VerificationError):
+        dialled = f" ({host})" if host else ""
+        return (
+            "the server's certificate does not cover the host name or address "
+            f"dialled{dialled}; use --host with a name it covers"
+        )
+    if not isinstance(value, SSL.Error):
+        return None
+
+    lowered = _tls_error_text(value).lower()
+    if "certificate verify failed" in lowered:
+        if server_certificate is not None:
+            now = datetime.datetime.now(datetime.UTC)
+            expiry = server_certificate.not_valid_after_utc
+            start = server_certificate.not_valid_before_utc
+            if expiry < now:
+                return f"the server's certificate expired on {expiry:%Y-%m-%d} (UTC)"
+            if start > now:
+                return (
+                    "the server's certificate is not valid before "
+                    f"{start:%Y-%m-%d %H:%M} (UTC); check the clocks of both machines"
+                )
+        ca = identity.ca if identity is not None else "the --ca file"
+        return f"the server's certificate is not signed by the CA in {ca}"
+    cert = identity.cert if identity is not None else "--cert"
+    for alert, meaning in _REFUSAL_ALERTS.items():
+        if f"alert {alert}" in lowered:
+            return meaning.format(cert=cert)
+    if any(reason in lowered for reason in _NOT_TLS_REASONS):
+        return "the server does not speak TLS on this port"
+    return f"TLS failed ({_tls_error_text(value)})"
+
+
+def describe_connection_failure(
+    reason: Failure,
+    *,
+    host: str | None = None,
+    identity: clienttls.ClientIdentity | None = None,
+    server_certificate: x509.Certificate | None = None,
+    server: str = "application server",
+    in_handshake: bool = False,
+) -> str:
     """
     Put why a connection attempt or a connection failed into words.
 
     Args:
         reason: The failure a connection attempt or ``connectionLost`` got.
+        host: The host name or address dialled.
+        identity: The client's identity, to name its files.
+        server_certificate: The certificate the server presented, if known.
+        server: What the client meant to reach, such as "SQL server".
+        in_handshake: Whether the TLS handshake was still under way.
 
     Returns:
-        A phrase without a final period, such as "the server's certificate
-        was not issued by a CA this client trusts (certificate verify
-        failed)".
+        A phrase without a final period, such as "the connection was
+        refused; check that the application server runs there and listens
+        on this port".
     """
     value = reason.value
-    if isinstance(value, VerificationError):
-        return (
-            f"the server's certificate does not cover the host name dialled ({value})"
-        )
-    if isinstance(value, SSL.Error):
-        text = _tls_error_text(value)
-        lowered = text.lower()
-        if "certificate verify failed" in lowered:
-            return (
-                "the server's certificate was not issued by a CA this client "
-                f"trusts (check the --ca file) ({text})"
-            )
-        for alert, meaning in _REFUSAL_ALERTS.items():
-            if f"alert {alert}" in lowered:
-                return f"{meaning} (TLS alert: {text})"
-        if "wrong version number" in lowered or "packet length too long" in lowered:
-            return f"the server does not speak TLS on this port ({text})"
-        return f"TLS failed ({text})"
+    tls = describe_tls_failure(
+        value, host=host, identity=identity, server_certificate=server_certificate
+    )
+    if tls is not None:
+        return tls
     if isinstance(value, error.ConnectionRefusedError):
         return (
-            "the connection was refused; check that the application server "
-            "runs there and listens on this port"
+            f"the connection was refused; check that the {server} runs there "
+            "and listens on this port"
         )
     if isinstance(value, error.DNSLookupError):
         return "the host name does not resolve"
     if isinstance(value, error.TimeoutError):
         return "the server did not accept the connection in time"
+    if isinstance(value, error.ConnectionDone | error.ConnectionLost) and in_handshake:
+        return (
+            f"the server closed the connection; check that this is the {server}'s port"
+        )
     if isinstance(value, error.ConnectionDone):
         return "the server closed the connection"
     if isinstance(value, error.ConnectionLost):
         return "the connection was lost"
-    return str(value) or type(value).__name__
+    return str(value).rstrip(".") or type(value).__name__
 
 
 def _error_from_answer(error_object: object) -> AppError:
@@ -163,6 +294,10 @@ class AppClientProtocol(Int32StringReceiver):
 
     Attributes:
         peer: ``host:port`` of the server, for messages.
+        host: The host name or address dialled, for messages; None if
+            unknown.
+        identity: The client's identity, to name its files in messages;
+            None if unknown.
     """
 
     log = Logger()
@@ -172,9 +307,16 @@ class AppClientProtocol(Int32StringReceiver):
         *,
         peer: str = "the application server",
         max_frame_size: int = DEFAULT_CLIENT_MAX_FRAME_SIZE,
+        host: str | None = None,
+        identity: clienttls.ClientIdentity | None = None,
     ) -> None:
         self.peer = peer
+        self.host = host
+        self.identity = identity
         self.MAX_LENGTH = max_frame_size
+        self._first_bytes = b""
+        self._frames_received = 0
+        self._foreign: str | None = None
         self._next_id = 1
         self._pending: dict[int, tuple[str, Deferred[Any]]] = {}
         self._handshake_done = False
@@ -269,10 +411,20 @@ class AppClientProtocol(Int32StringReceiver):
             self.transport.loseConnection()  # type: ignore[misc, union-attr]
         return closed
 
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Keep the first bytes the server sends, to show them if they turn out
+        not to be the application protocol, and read frames.
+        """
+        if not self._frames_received and len(self._first_bytes) < _SHOWN_BYTES:
+            self._first_bytes += data[: _SHOWN_BYTES - len(self._first_bytes)]
+        super().dataReceived(data)
+
     def stringReceived(self, string: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
         Match an answer to its request.
         """
+        self._frames_received += 1
         try:
             message = decode_payload(string)
         except FrameDecodeError as e:
@@ -316,12 +468,33 @@ class AppClientProtocol(Int32StringReceiver):
 
     def lengthLimitExceeded(self, length: int) -> None:  # noqa: N802 (Twisted's name)
         """
-        Give up on a server that announces an answer over the client's limit.
+        Give up on a server that announces an answer over the client's limit,
+        or whose first bytes are text rather than a length: another protocol.
         """
+        header = HEADER.pack(length)
+        if not self._frames_received and all(32 <= b < 127 for b in header):
+            self._not_this_protocol()
+            return
         self._give_up(
             f"the server announced an answer of {length} bytes, over this "
             f"client's limit of {self.MAX_LENGTH}"
         )
+
+    def _not_this_protocol(self) -> None:
+        """
+        Drop a connection whose server does not speak the application
+        protocol; whatever waits fails saying so, with what the server sent.
+        """
+        sent = self._first_bytes.decode("ascii", "backslashreplace")
+        if sent.startswith('{"hello"'):
+            what = "it greets like the tls4d SQL server"
+        else:
+            what = f"it sent {sent!r} where an answer belongs"
+        self._foreign = (
+            f"{self.peer} does not speak the application protocol: {what}; is "
+            f"that the application server's port ({DEFAULT_PORT} by default)?"
+        )
+        self._give_up("the server does not speak the application protocol")
 
     def _give_up(self, problem: str) -> None:
         """
@@ -336,20 +509,45 @@ class AppClientProtocol(Int32StringReceiver):
         """
         Fail what still waits: the handshake, and every pending call.
         """
-        why = self._problem or describe_connection_failure(reason)
-        if not self._handshake_done:
-            lost = AppConnectionError(
-                f"The TLS handshake with {self.peer} failed: {why}."
+        detail = None if self._problem else failure_detail(reason.value)
+        tls = describe_tls_failure(
+            reason.value,
+            host=self.host,
+            identity=self.identity,
+            server_certificate=server_certificate_of(self.transport),
+        )
+        why = (
+            self._problem
+            or tls
+            or describe_connection_failure(
+                reason,
+                server="application server",
+                in_handshake=not self._handshake_done,
             )
-        elif self._closing and self._problem is None:
+        )
+        closed = self._closing and self._problem is None and tls is None
+        if self._foreign is not None:
+            lost = AppConnectionError(self._foreign, detail)
+        elif not self._handshake_done or tls is not None:
+            # With TLS 1.3 a server refuses a client certificate only after
+            # the client saw the handshake complete: still a handshake failure.
+            lost = AppConnectionError(
+                f"The TLS handshake with {self.peer} failed: {why}.", detail
+            )
+        elif closed:
             lost = AppConnectionError(f"The connection to {self.peer} was closed.")
         else:
-            lost = AppConnectionError(f"The connection to {self.peer} ended: {why}.")
+            lost = AppConnectionError(
+                f"The connection to {self.peer} ended: {why}.", detail
+            )
         self._lost = lost
 
         pending, self._pending = self._pending, {}
         for op, waiter in pending.values():
-            if self._closing and self._problem is None:
+            if self._foreign is not None or tls is not None:
+                waiter.errback(lost)
+                continue
+            if closed:
                 msg = (
                     f"The connection to {self.peer} was closed before the answer "
                     f"to {op!r} arrived."
@@ -359,7 +557,7 @@ class AppClientProtocol(Int32StringReceiver):
                     f"The connection to {self.peer} ended before the answer to "
                     f"{op!r} arrived: {why}."
                 )
-            waiter.errback(AppConnectionError(msg))
+            waiter.errback(AppConnectionError(msg, detail))
 
         handshake_waiters, self._handshake_waiters = self._handshake_waiters, []
         for handshake_waiter in handshake_waiters:
@@ -459,7 +657,9 @@ def connect(
             HostnameEndpoint(reactor, host, port, timeout=timeout),
         ),
     )
-    protocol = AppClientProtocol(peer=peer, max_frame_size=max_frame_size)
+    protocol = AppClientProtocol(
+        peer=peer, max_frame_size=max_frame_size, host=host, identity=identity
+    )
 
     async def connect_and_handshake() -> AppClient:
         try:
@@ -467,9 +667,9 @@ def connect(
         except defer.CancelledError:
             raise
         except Exception as e:
-            why = describe_connection_failure(Failure(e))
+            why = describe_connection_failure(Failure(e), host=host, identity=identity)
             msg = f"Cannot connect to {peer}: {why}."
-            raise AppConnectionError(msg) from e
+            raise AppConnectionError(msg, failure_detail(e)) from e
         await protocol.wait_for_handshake()
         return AppClient(protocol)
 
@@ -484,8 +684,10 @@ async def _call_and_close(
     op: str,
     args: Mapping[str, Any],
     timeout: float,
+    connected: list[AppClient],
 ) -> Any:
     client = await connect(reactor, host, port, identity, timeout=timeout)
+    connected.append(client)
     try:
         result = await client.call(op, **args)
     except BaseException:
@@ -531,27 +733,41 @@ def blocking_call(
     reactor: Any = global_reactor
     assert IReactorCore.providedBy(reactor) and IReactorTime.providedBy(reactor)
     outcome: list[Any] = []
+    connected: list[AppClient] = []
+    interrupted: list[bool] = []
     peer = _label(host, port)
+
+    def note_interruption() -> None:
+        # The reactor stops before the exchange ended only when told to by
+        # a signal (Ctrl-C); the exchange then fails as its connection closes.
+        if not outcome:
+            interrupted.append(True)
 
     def start() -> None:
         exchange = Deferred.fromCoroutine(
-            _call_and_close(reactor, host, port, identity, op, args or {}, timeout)
+            _call_and_close(
+                reactor, host, port, identity, op, args or {}, timeout, connected
+            )
         )
         exchange.addTimeout(timeout, reactor)
         exchange.addBoth(outcome.append)
         exchange.addBoth(lambda _: reactor.stop() if reactor.running else None)
 
     reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", note_interruption)
     reactor.run()
 
-    if not outcome:
+    if interrupted or not outcome:
         msg = f"The exchange with {peer} was interrupted before it finished."
         raise AppConnectionError(msg)
     result = outcome[0]
     if isinstance(result, Failure):
         if result.check(defer.TimeoutError, defer.CancelledError):
-            unit = "second" if timeout == 1 else "seconds"
-            msg = f"No answer from {peer} within {timeout:g} {unit}."
-            raise AppConnectionError(msg)
+            what = "answer from" if connected else "TLS handshake with"
+            msg = (
+                f"No {what} {peer} within {timeout:g} s; is that the application "
+                f"server's port ({DEFAULT_PORT} by default)?"
+            )
+            raise AppConnectionError(msg, failure_detail(result.value))
         result.raiseException()
     return result

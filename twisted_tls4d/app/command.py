@@ -49,9 +49,18 @@ otherwise
 """
 
 
-def _port(text: str) -> int:
+def tcp_port(text: str) -> int:
     """
-    Read a TCP port for argparse.
+    Read a TCP port for argparse; ``tls4d sql`` uses it too.
+
+    Args:
+        text: The option's value.
+
+    Returns:
+        The port, from 1 to 65535.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not such a number.
     """
     try:
         port = int(text)
@@ -63,9 +72,18 @@ def _port(text: str) -> int:
     return port
 
 
-def _seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
     """
-    Read a positive number of seconds for argparse.
+    Read a positive number of seconds for argparse; ``tls4d sql`` uses it too.
+
+    Args:
+        text: The option's value.
+
+    Returns:
+        The number of seconds, finite and above 0.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not such a number.
     """
     try:
         seconds = float(text)
@@ -152,13 +170,13 @@ def _add_connection_options(
     )
     server.add_argument(
         "--port",
-        type=_port,
+        type=tcp_port,
         default=default(DEFAULT_PORT),
         help=f"the application server's port (default: {DEFAULT_PORT})",
     )
     server.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=default(_DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"give up after this long (default: {_DEFAULT_TIMEOUT:g})",

@@ -14,15 +14,21 @@ import collections
 from typing import Any
 
 import attrs
-from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionDone, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from twisted_tls4d.app.client import (
+    describe_connection_failure,
+    describe_tls_failure,
+    failure_detail,
+    server_certificate_of,
+)
 from twisted_tls4d.clienttls import ClientIdentity, client_options
 from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.sql import wire
@@ -33,6 +39,10 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 
 #: The longest line accepted from the server (one row), in bytes.
 MAX_ANSWER_LINE = 64 * 1024 * 1024
+
+#: How many of the first bytes from a server an error message shows when
+#: they are not the SQL protocol.
+_SHOWN_BYTES = 24
 
 
 class SQLError(Tls4dError):
@@ -69,7 +79,15 @@ class SQLConnectionError(Tls4dError):
     """
     The connection to the SQL server could not be made, was refused during
     the TLS handshake, broke the protocol, or was lost.
+
+    Attributes:
+        detail: What Twisted or OpenSSL said of the failure, for debugging;
+            None when the message says it all.
     """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @attrs.frozen
@@ -107,10 +125,17 @@ class _Pending:
         self.rows: list[tuple[Value, ...]] = []
 
 
+@implementer(IHandshakeListener)
 class _SQLClientProtocol(LineReceiver):
     """
     The client side of the line protocol: matches each answer to the
     statement it answers, in order.
+
+    Attributes:
+        where: ``host:port`` of the server, for messages.
+        host: The host name or address dialled, for messages.
+        identity: The client's identity, to name its files in messages.
+        handshake_done: Whether the TLS handshake completed.
     """
 
     delimiter = b"\n"
@@ -118,13 +143,46 @@ class _SQLClientProtocol(LineReceiver):
     #: The TLS transport; typed loosely, as zope interfaces confuse mypy.
     transport: Any
 
-    def __init__(self, where: str) -> None:
+    def __init__(
+        self,
+        where: str,
+        host: str | None = None,
+        identity: ClientIdentity | None = None,
+    ) -> None:
         self.where = where
+        self.host = host
+        self.identity = identity
+        self.handshake_done = False
         self.greeted: defer.Deferred[dict[str, Any]] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.pending: collections.deque[_Pending] = collections.deque()
         self.lost: Failure | None = None
         self._broken = False
+        self._checked_first_byte = False
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Note that the TLS handshake completed; the greeting comes next.
+        """
+        self.handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Refuse at once a server whose first byte cannot start the greeting (a
+        JSON object), rather than wait for a line end that may never come.
+        """
+        if not self._checked_first_byte and data.strip():
+            self._checked_first_byte = True
+            if not data.lstrip().startswith(b"{"):
+                sent = data.lstrip()[:_SHOWN_BYTES]
+                self._violation(
+                    f"{self.where} does not speak the tls4d SQL protocol: it sent "
+                    f"{sent.decode('ascii', 'backslashreplace')!r} where the "
+                    "greeting belongs; is that the SQL server's port "
+                    f"({wire.DEFAULT_PORT} by default)?"
+                )
+                return
+        super().dataReceived(data)
 
     def send(self, data: bytes) -> defer.Deferred[Result]:
         """
@@ -164,7 +222,9 @@ class _SQLClientProtocol(LineReceiver):
                 message.get("hello"), dict
             ):
                 self._violation(
-                    f"The server at {self.where} did not greet as a tls4d SQL server."
+                    f"The server at {self.where} did not greet as a tls4d SQL "
+                    "server; is that the SQL server's port "
+                    f"({wire.DEFAULT_PORT} by default)?"
                 )
                 return
             version = message["hello"].get("protocol")
@@ -209,12 +269,41 @@ class _SQLClientProtocol(LineReceiver):
             f"limit of {self.MAX_LENGTH} bytes."
         )
 
+    def _describe_loss(self, reason: Failure) -> str:
+        """
+        Returns:
+            Why the connection ended, as a sentence for the user.
+        """
+        tls = describe_tls_failure(
+            reason.value,
+            host=self.host,
+            identity=self.identity,
+            server_certificate=server_certificate_of(self.transport),
+        )
+        if tls is not None:
+            # With TLS 1.3 a server refuses a client certificate only after
+            # the client saw the handshake complete: still a handshake failure.
+            return f"The TLS handshake with {self.where} failed: {tls}."
+        if not self.handshake_done:
+            why = describe_connection_failure(
+                reason, server="SQL server", in_handshake=True
+            )
+            return f"The TLS handshake with {self.where} failed: {why}."
+        if reason.check(ConnectionDone):
+            return f"The SQL server at {self.where} closed the connection."
+        why = describe_connection_failure(reason, server="SQL server")
+        return f"The connection to the SQL server at {self.where} was lost: {why}."
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         """
         Fail the greeting and every statement still waiting.
         """
         if self.lost is None:
-            self.lost = Failure(SQLConnectionError(_describe_loss(self.where, reason)))
+            self.lost = Failure(
+                SQLConnectionError(
+                    self._describe_loss(reason), failure_detail(reason.value)
+                )
+            )
         if not self.greeted.called:
             self.greeted.errback(self.lost)
         pending, self.pending = self.pending, collections.deque()
@@ -263,38 +352,6 @@ def _finish(pending: _Pending, status: dict[str, Any]) -> None:
             in_transaction=in_transaction if isinstance(in_transaction, bool) else None,
         )
     )
-
-
-def _describe_loss(where: str, reason: Failure) -> str:
-    """
-    Turn the reason a connection ended into a sentence for the user.
-    """
-    if reason.check(SSL.Error):
-        text = str(reason.value)
-        if "certificate verify failed" in text:
-            return (
-                f"The TLS handshake with {where} failed: the server's "
-                "certificate is not signed by the CA in the client's ca.pem."
-            )
-        if (
-            "certificate required" in text
-            or "unknown ca" in text
-            or "bad certificate" in text
-        ):
-            return (
-                f"The SQL server at {where} refused this client's certificate "
-                f"({text}); use an identity from 'tls4d client' for that server's root."
-            )
-        return f"The TLS connection to {where} failed: {text}"
-    if reason.check(ConnectionDone):
-        return f"The SQL server at {where} closed the connection."
-    if reason.check(VerificationError):
-        return (
-            f"The TLS handshake with {where} failed: the server's certificate "
-            "does not cover that host name; connect with a name it was issued for."
-        )
-    text = str(reason.value) or repr(reason.value)
-    return f"The connection to the SQL server at {where} was lost: {text}"
 
 
 class SQLClient:
@@ -401,23 +458,25 @@ async def _connect(
     endpoint: Any = wrapClientTLS(options, tcp)
     try:
         protocol = await endpoint.connect(
-            Factory.forProtocol(lambda: _SQLClientProtocol(where))
+            Factory.forProtocol(lambda: _SQLClientProtocol(where, host, identity))
         )
     except (ConnectError, OSError) as e:
-        msg = (
-            f"Cannot connect to the SQL server at {where} ({str(e).rstrip('.')}); "
-            "check that the server runs with its SQL listener on that port."
-        )
-        raise SQLConnectionError(msg) from e
+        why = describe_connection_failure(Failure(e), server="SQL server")
+        msg = f"Cannot connect to the SQL server at {where}: {why}."
+        raise SQLConnectionError(msg, failure_detail(e)) from e
     try:
         greeting = await protocol.greeted.addTimeout(timeout, reactor)
-    except TimeoutError as e:
+    except defer.TimeoutError as e:
         protocol.transport.abortConnection()
+        if protocol.handshake_done:
+            what = "SQL server greeting from"
+        else:
+            what = "TLS handshake with"
         msg = (
-            f"The server at {where} sent no greeting within {timeout:g} s; "
-            "is it a tls4d SQL server?"
+            f"No {what} {where} within {timeout:g} s; is that the SQL server's "
+            f"port ({wire.DEFAULT_PORT} by default)?"
         )
-        raise SQLConnectionError(msg) from e
+        raise SQLConnectionError(msg, failure_detail(e)) from e
     return SQLClient(protocol, greeting)
 
 

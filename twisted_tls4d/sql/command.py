@@ -18,11 +18,13 @@ from typing import Any, TextIO
 
 from twisted.internet.threads import blockingCallFromThread
 
+from twisted_tls4d.app.command import positive_seconds, tcp_port
 from twisted_tls4d.clienttls import ClientIdentity
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.client import (
     DEFAULT_CONNECT_TIMEOUT,
     SQLClient,
+    SQLConnectionError,
     SQLError,
     connect,
     format_table,
@@ -56,6 +58,10 @@ skipped. With --execute or from standard input, the command stops at the
 first statement that fails and exits 1. Each statement commits on its own
 unless you BEGIN a transaction; one left open when the command ends is
 rolled back by the server.
+
+exit status: 0 when every statement succeeded; 1 with one line on standard
+error when the connection, the TLS handshake or a statement fails; 2 on
+misuse.
 """
 
 
@@ -81,7 +87,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=tcp_port,
         default=wire.DEFAULT_PORT,
         help="the SQL server's port (default: %(default)s)",
     )
@@ -121,7 +127,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="how long to wait for the connection and the server's greeting "
@@ -179,19 +185,24 @@ def _run(args: argparse.Namespace) -> int:
         statement given with --execute or on standard input failed.
 
     Raises:
-        SQLConnectionError: The connection failed or was lost.
+        SQLConnectionError: The connection failed or was lost, or Ctrl-C
+            interrupted the command outside the prompt.
         PEMError: The identity's files are unusable.
     """
     identity = ClientIdentity.from_options(args.identity, args.key, args.cert, args.ca)
     with _ReactorThread() as reactor_thread:
-        client: SQLClient = reactor_thread.call(
-            connect,
-            reactor_thread.reactor,
-            args.host,
-            args.port,
-            identity,
-            args.timeout,
-        )
+        try:
+            client: SQLClient = reactor_thread.call(
+                connect,
+                reactor_thread.reactor,
+                args.host,
+                args.port,
+                identity,
+                args.timeout,
+            )
+        except KeyboardInterrupt:
+            msg = f"Interrupted while connecting to {args.host}:{args.port}."
+            raise SQLConnectionError(msg) from None
         try:
             if args.statements:
                 return _run_statements(
@@ -200,6 +211,12 @@ def _run(args: argparse.Namespace) -> int:
             if sys.stdin.isatty():
                 return _interactive(reactor_thread, client, args)
             return _run_statements(reactor_thread, client, _stdin_lines(), sys.stdout)
+        except KeyboardInterrupt:
+            msg = (
+                "Interrupted; the server finishes the statement it is running and "
+                "rolls back a transaction left open."
+            )
+            raise SQLConnectionError(msg) from None
         finally:
             reactor_thread.call(client.close)
 
