@@ -358,6 +358,24 @@ class AllServersTests(unittest.TestCase):
             r"its certificate was issued by a CA that Resources/ca\.pem does not hold"
         )
 
+    def test_revoked_client_refused_after_reload(self) -> None:
+        """After tls4d revoke and tls4d reload, the revoked client is refused."""
+        port = str(self.server.port("Application server"))
+        identity = str(self.folder / "alice")
+        before = _tls4d("app", "--identity", identity, "--port", port, "ping")
+        self.assertEqual(before.returncode, 0, before.stderr)
+        revoked = _tls4d("revoke", "alice", "--root", str(self.root))
+        self.assertEqual(revoked.returncode, 0, revoked.stdout + revoked.stderr)
+        reloaded = _tls4d("reload", "--root", str(self.root))
+        self.assertEqual(reloaded.returncode, 0, reloaded.stderr)
+        self.server.wait_for("Reload done")
+        after = _tls4d("app", "--identity", identity, "--port", port, "ping")
+        self.assertEqual(after.returncode, 1)
+        self.server.wait_for(
+            r"application server: refused TLS handshake from 127\.0\.0\.1:\d+: "
+            r"its certificate has been revoked"
+        )
+
     def test_sql_session(self) -> None:
         """tls4d sql creates a table, inserts, selects, and reports an error."""
         port = str(self.server.port("SQL server"))

@@ -18,7 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser of the ``tls4d`` command and its subcommands.
     """
-    from twisted_tls4d import identity, reloader
+    from twisted_tls4d import (
+        check,
+        dhparams,
+        identity,
+        lifecycle_cli,
+        reloader,
+        revocation,
+    )
     from twisted_tls4d.app import command as app_command
     from twisted_tls4d.sql import command as sql_command
 
@@ -31,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     identity.add_parser(commands)
+    revocation.add_parser(commands)
+    check.add_parser(commands)
+    dhparams.add_parser(commands)
+    lifecycle_cli.add_parsers(commands)
     reloader.add_parser(commands)
     app_command.add_parser(commands)
     sql_command.add_parser(commands)

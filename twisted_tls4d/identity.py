@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from twisted_tls4d import clienttls, pki, root
+from twisted_tls4d import clienttls, pki, revocation, root
 from twisted_tls4d.errors import ConfigurationError
 from twisted_tls4d.settings import DEFAULT_ROOT
 
@@ -22,7 +22,9 @@ def issue_client_identity(
 ) -> clienttls.ClientIdentity:
     """
     Make a key and a client certificate for ``name``, signed by the root's
-    local CA, and write them with the CA certificate into ``out``.
+    local CA, and write them with the CA certificate into ``out``. A copy of
+    the certificate goes to the root's ``Resources/issued/`` (see
+    `revocation.record_issued`), where ``tls4d revoke`` finds it by name.
 
     Args:
         layout: The server root whose CA signs.
@@ -54,6 +56,7 @@ def issue_client_identity(
     certificate = pki.issue_certificate(
         ca, key.public_key(), name, client=True, days=days
     )
+    revocation.record_issued(layout, certificate)
     pki.write_private_key(written.key, key)
     pki.write_certificates(written.cert, [certificate])
     pki.write_certificates(written.ca, pki.load_certificates(layout.ca))

@@ -484,3 +484,55 @@ def describe(certificate: x509.Certificate) -> str:
         f"subject {certificate.subject.rfc4514_string()!r}, issuer "
         f"{certificate.issuer.rfc4514_string()!r}, expires {expiry}"
     )
+
+
+def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """
+    Serialise a private key as PKCS#8 PEM, encrypted when a passphrase is
+    given.
+
+    Args:
+        key: The key.
+        passphrase: Encrypt the key with this passphrase (the best scheme
+            cryptography offers: AES-256 with a PBKDF2 key); unencrypted if
+            None.
+
+    Returns:
+        The PEM bytes.
+    """
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.NoEncryption()
+        if passphrase is None
+        else serialization.BestAvailableEncryption(passphrase)
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def create_new_file(path: Path, data: bytes, mode: int) -> None:
+    """
+    Write a file that must not exist yet, atomically and with ``mode`` from
+    its creation (as `write_private_key` does), without ever replacing a
+    file already at ``path``.
+
+    Args:
+        path: Where to write; its folder is created if missing.
+        data: The file's content.
+        mode: Its permission bits (0600 for a private key).
+
+    Raises:
+        FileExistsError: ``path`` exists; it is left as it was.
+        OSError: The file cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temporary, path)
+    finally:
+        os.unlink(temporary)

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from twisted_tls4d import pki, reloader, root, tls, web
+from twisted_tls4d import pki, reloader, revocation, root, tls, web
 from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.settings import Settings
 
@@ -249,8 +249,16 @@ class Tls4dService(MultiService):
             Tls4dError: A key, certificate, CA or DH file cannot be used.
         """
         client_cas: list[x509.Certificate] = []
+        crl: x509.CertificateRevocationList | None = None
         if any(listener.mutual for listener in self.listeners):
             client_cas = tls.load_client_cas(self.layout.ca)
+            crl = tls.load_crl(revocation.crl_path(self.layout), client_cas)
+            if crl is not None:
+                _log.info(
+                    "{path}: {count} client certificate(s) revoked",
+                    path=str(revocation.crl_path(self.layout)),
+                    count=len(crl),
+                )
         tls.warn_if_exposed(self.layout.ca_key)
         suites = tls.tls12_suites(self.policy.ciphers)
         identities: dict[Path, tls.ServerIdentity] = {}
@@ -280,6 +288,7 @@ class Tls4dService(MultiService):
                 identity,
                 client_cas if listener.mutual else (),
                 log_alerts_as=None if listener.mutual else listener.label,
+                crl=crl if listener.mutual else None,
             )
             built[listener.name] = (context, identity)
         return built
@@ -298,8 +307,8 @@ class Tls4dService(MultiService):
 
     def reload(self) -> bool:
         """
-        Read keys, certificates, ``dhparams.pem`` and ``Resources/ca.pem``
-        again and serve new connections with them.
+        Read keys, certificates, ``dhparams.pem``, ``Resources/ca.pem`` and
+        ``Resources/crl.pem`` again and serve new connections with them.
 
         Returns:
             Whether the new files were taken; if any is broken, the

@@ -292,6 +292,64 @@ def load_client_cas(path: Path) -> list[x509.Certificate]:
     return pki.load_certificates(path, text)
 
 
+def load_crl(
+    path: Path, issuers: Sequence[x509.Certificate]
+) -> x509.CertificateRevocationList | None:
+    """
+    Load the certificate revocation list of the root's local CA, as
+    ``tls4d revoke`` writes it, and check who signed it.
+
+    Args:
+        path: The PEM file (``Resources/crl.pem``).
+        issuers: The certificates trusted to sign client certificates
+            (``Resources/ca.pem``); one of them must have signed the list.
+
+    Returns:
+        The list, or None if the file does not exist (nothing was revoked).
+
+    Raises:
+        PEMError: The file cannot be read, holds no CRL, or was not signed by
+            a CA of ``issuers``.
+    """
+    if not path.exists():
+        return None
+    text = pki.read_pem(path)
+    if text.note:
+        _log.warn("{note}", note=text.note)
+    if b"-----BEGIN X509 CRL-----" not in text.data:
+        msg = (
+            f"{path} holds no PEM certificate revocation list (no '-----BEGIN "
+            "X509 CRL-----' line); restore it from a backup, or remove it and "
+            "revoke its certificates again with 'tls4d revoke'."
+        )
+        raise PEMError(msg)
+    try:
+        crl = x509.load_pem_x509_crl(text.data)
+    except ValueError as e:
+        msg = (
+            f"{path} holds a malformed revocation list ({e}); restore it from a "
+            "backup, or remove it and revoke its certificates again with 'tls4d "
+            "revoke'."
+        )
+        raise PEMError(msg) from e
+    for issuer in issuers:
+        if issuer.subject != crl.issuer:
+            continue
+        try:
+            if crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+                return crl
+        except (TypeError, ValueError):
+            continue
+    msg = (
+        f"{path} is not signed by a CA of Resources/ca.pem (it names "
+        f"{crl.issuer.rfc4514_string()!r} as issuer, or its signature is "
+        "invalid); restore the list the root's local CA signed, or, if the root "
+        "has a new local CA, remove it (the old CA's certificates are not "
+        "trusted any more)."
+    )
+    raise PEMError(msg)
+
+
 def _set_groups(context: SSL.Context, groups: str) -> bool:
     """
     Limit the ECDHE groups of ``context``. pyOpenSSL has no public call for
@@ -324,6 +382,26 @@ def _record_verify_error(
             reason = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
             note(f"{reason} (depth {depth})")
     return bool(ok)
+
+
+#: Verification errors that a revocation list may cause and that do not refuse
+#: a client: no list for the client's CA (3: only the local CA's own list is
+#: loaded, so clients of other CAs in Resources/ca.pem go unchecked), and a list
+#: before its last update (11) or past its next update (12), since the root's
+#: own list is still the best word on what its CA revoked.
+_TOLERATED_CRL_ERRORS = frozenset({3, 11, 12})
+
+
+def _verify_with_crl(
+    connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int
+) -> bool:
+    """
+    The certificate-verification callback of a context with a revocation list:
+    `_record_verify_error`, except for the tolerated revocation-list errors.
+    """
+    if not ok and errno in _TOLERATED_CRL_ERRORS:
+        return True
+    return _record_verify_error(connection, certificate, errno, depth, ok)
 
 
 #: TLS alert descriptions (RFC 8446, 6.2) in words, for the log.
@@ -378,11 +456,29 @@ def _alert_logger(label: str) -> Any:
     return log_alert
 
 
+def _alpn_selector(protocols: Sequence[bytes]) -> Any:
+    """
+    An ALPN selection callback that picks the first of ``protocols`` the
+    client offers, or none.
+    """
+    preferred = list(protocols)
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in preferred:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
 def build_context(
     policy: TLSPolicy,
     identity: ServerIdentity,
     client_cas: Sequence[x509.Certificate] = (),
     log_alerts_as: str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+    alpn: Sequence[bytes] = (),
 ) -> SSL.Context:
     """
     Build a fully configured server context.
@@ -395,14 +491,30 @@ def build_context(
         log_alerts_as: If given, each fatal TLS alert is logged under this
             label with the peer (for a server whose protocol does not log
             failed handshakes itself).
+        crl: If given with ``client_cas``, a client certificate it lists is
+            refused ("its certificate has been revoked"). Only the client's
+            own certificate is checked, against the list of the CA that issued
+            it; clients of a CA without a list (another CA of ``client_cas``)
+            are not checked, and a list past its next update still counts.
+        alpn: The application protocols offered by ALPN, in the server's order
+            of preference (``b"h2"``, ``b"http/1.1"``); the first one the
+            client also offers is chosen. A client offering none of them goes
+            on without ALPN. Empty: no ALPN.
 
     Returns:
         A context not yet used by any connection.
 
     Raises:
-        ConfigurationError: The policy's version or ciphers are unusable.
+        ConfigurationError: The policy's version or ciphers are unusable, or a
+            revocation list is given without client CAs.
         PEMError: The DH parameters file is unusable.
     """
+    if crl is not None and not client_cas:
+        msg = (
+            "A certificate revocation list only applies to client certificates; "
+            "give the client CAs with it."
+        )
+        raise ConfigurationError(msg)
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(min_version_number(policy.min_version))
     context.set_options(
@@ -440,14 +552,24 @@ def build_context(
         assert store is not None
         for ca in client_cas:
             store.add_cert(X509.from_cryptography(ca))
-        context.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _record_verify_error
-        )
+        verify = _record_verify_error
+        if crl is not None:
+            from OpenSSL.crypto import X509StoreFlags
+
+            store.add_crl(crl)
+            # The leaf only: CRL_CHECK_ALL would want a list from every CA of
+            # the chain, and the local CA's list covers what it issued.
+            store.set_flags(X509StoreFlags.CRL_CHECK)
+            verify = _verify_with_crl
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         # Needed for client certificates to survive session resumption.
         context.set_session_id(b"tls4d")
 
     if log_alerts_as is not None:
         context.set_info_callback(_alert_logger(log_alerts_as))
+
+    if alpn:
+        context.set_alpn_select_callback(_alpn_selector(alpn))
 
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode("ascii"))
     tls12_suites(policy.ciphers)
