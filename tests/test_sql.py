@@ -247,6 +247,10 @@ class SQLServerTests(_InMemoryCase):
                         "server": "tls4d SQL server",
                         "protocol": 1,
                         "client": "alice",
+                        "user": "alice",
+                        "access": "full",
+                        "login_required": False,
+                        "features": ["parameters", "types", "streaming", "login"],
                     }
                 }
             ],
@@ -271,7 +275,7 @@ class SQLServerTests(_InMemoryCase):
         self.assertEqual(
             self.ask(client, pump, b"SELECT id, name FROM people ORDER BY id\n"),
             [
-                {"columns": ["id", "name"]},
+                {"columns": ["id", "name"], "types": ["integer", "text"]},
                 [1, "Ada"],
                 [2, "Grace"],
                 {"ok": True, "rows": 2, "in_transaction": False},
@@ -285,7 +289,10 @@ class SQLServerTests(_InMemoryCase):
         _, client, pump = self.connect()
         self.assertEqual(
             self.ask(client, pump, b"SELECT 1 AS one WHERE 0\n"),
-            [{"columns": ["one"]}, {"ok": True, "rows": 0, "in_transaction": False}],
+            [
+                {"columns": ["one"], "types": ["null"]},
+                {"ok": True, "rows": 0, "in_transaction": False},
+            ],
         )
 
     def test_values_of_every_type(self) -> None:
@@ -447,7 +454,11 @@ class SQLServerTests(_InMemoryCase):
         answer = self.ask(client, pump, b"\n\r\n   \nSELECT 1\n\n")
         self.assertEqual(
             answer,
-            [{"columns": ["1"]}, [1], {"ok": True, "rows": 1, "in_transaction": False}],
+            [
+                {"columns": ["1"], "types": ["integer"]},
+                [1],
+                {"ok": True, "rows": 1, "in_transaction": False},
+            ],
         )
 
     def test_pipelined_statements_answered_in_order(self) -> None:
@@ -845,7 +856,7 @@ class ClientInMemoryTests(_InMemoryCase):
         self.assertEqual((error.code, error.message), ("sql", "no such table: missing"))
         self.assertEqual(
             self.successResultOf(selected),
-            Result(("a", "b"), ((b"\x00\xff", math.inf),), 1),
+            Result(("a", "b"), ((b"\x00\xff", math.inf),), 1, types=("blob", "real")),
         )
 
     def test_lost_connection_fails_pending(self) -> None:

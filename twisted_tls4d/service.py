@@ -180,6 +180,8 @@ class TLSListener:
         cert_path: Its certificate chain.
         key_path: Its private key.
         mutual: Whether it requires client certificates from ``ca.pem``.
+        alpn: The protocols it offers by ALPN, preferred first; none if
+            empty.
     """
 
     name: str
@@ -187,6 +189,7 @@ class TLSListener:
     cert_path: Path
     key_path: Path
     mutual: bool
+    alpn: tuple[bytes, ...] = ()
 
 
 class Tls4dService(MultiService):
@@ -289,6 +292,7 @@ class Tls4dService(MultiService):
                 client_cas if listener.mutual else (),
                 log_alerts_as=None if listener.mutual else listener.label,
                 crl=crl if listener.mutual else None,
+                alpn=listener.alpn,
             )
             built[listener.name] = (context, identity)
         return built
@@ -488,10 +492,15 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     redirect: web.RedirectToHTTPS | None = None
     http_site = None
     if settings.web:
-        https_site, http_site, redirect = web.build_sites(
+        web_options = web.options_from(settings, layout.path / "Logs")
+        https_site, plain_site, redirect = web.build_sites(
             layout.web_folder,
-            hsts_max_age=settings.hsts_max_age if settings.hsts else None,
+            web_options,
             https_port=settings.https_port,
+            reactor=reactor,
+        )
+        http_site = web.ConnectionLimit(
+            plain_site, settings.max_connections, "HTTP web server"
         )
 
         def https_bound(port: IListeningPort) -> None:
@@ -499,18 +508,30 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
                 redirect.https_port = port.getHost().port  # type: ignore[attr-defined]
 
         add_tls(
-            TLSListener("https", "HTTPS web server", layout.cert, layout.key, False),
+            TLSListener(
+                "https",
+                "HTTPS web server",
+                layout.cert,
+                layout.key,
+                False,
+                tuple(web.https_protocols()),
+            ),
             settings.https_port,
             https_site,
             on_listening=https_bound,
+            wrap=lambda factory: web.ConnectionLimit(
+                factory, settings.max_connections, "HTTPS web server"
+            ),
         )
         if redirect is not None:
             top.redirect = covered = redirect
 
             def update_names(identities: dict[str, tls.ServerIdentity]) -> None:
                 covered.certificate = identities["https"].certificate
+                web.check_server_name(covered)
 
             top.on_identities.append(update_names)
+        web.log_options(web_options)
 
     if settings.app:
         from twisted_tls4d.app.protocol import AppServerFactory
@@ -531,6 +552,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
 
     if settings.sql:
         from twisted_tls4d.sql.protocol import SQLServerFactory
+        from twisted_tls4d.sql.users import users_file
 
         sql_factory = SQLServerFactory(
             database=layout.database,
@@ -538,6 +560,9 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             max_line_length=settings.max_line_length,
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
+            users_file=users_file(layout.path),
+            passwords=settings.sql_client_certificate == "optional",
+            certificate_access=settings.sql_certificate_access,
         )
         add_tls(
             TLSListener("sql", "SQL server", layout.cert, layout.key, True),
@@ -549,19 +574,10 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     for listener in top.listeners:
         factory, port, kw = tls_factories[listener.name]
         creator = top.creators[listener.name]
-        add(
-            listener.name,
-            listener.label,
-            port,
-            TLSMemoryBIOFactory(creator, False, factory),
-            **kw,
-        )
+        outer: IProtocolFactory = TLSMemoryBIOFactory(creator, False, factory)
+        if "wrap" in kw:
+            outer = kw.pop("wrap")(outer)
+        add(listener.name, listener.label, port, outer, **kw)
         if listener.name == "https" and http_site is not None and not settings.no_http:
             add("http", "HTTP web server", settings.http_port, http_site)
-    if redirect is not None:
-        _log.info(
-            "HSTS on: HTTPS answers carry max-age={max_age}; plain HTTP "
-            "redirects to HTTPS",
-            max_age=settings.hsts_max_age,
-        )
     return top

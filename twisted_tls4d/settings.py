@@ -6,6 +6,7 @@ file.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,23 @@ class Settings:
         max_line_length: The longest SQL-server line, in bytes.
         handshake_timeout: Seconds a client has to complete its TLS handshake.
         idle_timeout: Seconds an application or SQL connection may stay idle.
+        server_name: The host name plain HTTP redirects to (with HSTS); the
+            request's own host, if the certificate covers it, when None.
+        hsts_include_subdomains: Add ``includeSubDomains`` to HSTS.
+        hsts_preload: Add ``preload`` to HSTS.
+        directory_listing: List WebFolder folders without ``index.html``.
+        wsgi: The dotted name of a WSGI application served beside WebFolder.
+        add_header: ``Name: value`` headers added to every web answer.
+        max_request_size: The largest web request body, in bytes.
+        max_connections: The most connections each web listener holds open.
+        web_idle_timeout: Seconds a web connection may stay silent.
+        request_timeout: Seconds a web client has to send a whole request.
+        sql_certificate_access: The SQL access level (``read-only``,
+            ``read-write``, ``full``) of a client certificate whose name is
+            not an SQL user.
+        sql_client_certificate: ``required``: every SQL client presents a
+            certificate; ``optional``: clients without one may connect and
+            log in with a password.
     """
 
     root: Path = DEFAULT_ROOT
@@ -69,6 +87,18 @@ class Settings:
     max_line_length: int = 1024 * 1024
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
+    server_name: str | None = None
+    hsts_include_subdomains: bool = False
+    hsts_preload: bool = False
+    directory_listing: bool = False
+    wsgi: str | None = None
+    add_header: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_request_size: int = 2_000_000
+    max_connections: int = 100
+    web_idle_timeout: float = 15.0
+    request_timeout: float = 30.0
+    sql_certificate_access: str = "full"
+    sql_client_certificate: str = "required"
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -90,6 +120,18 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_line_length": (int,),
     "handshake_timeout": (int, float),
     "idle_timeout": (int, float),
+    "server_name": (str,),
+    "hsts_include_subdomains": (bool,),
+    "hsts_preload": (bool,),
+    "directory_listing": (bool,),
+    "wsgi": (str,),
+    "add_header": (list,),
+    "max_request_size": (int,),
+    "max_connections": (int,),
+    "web_idle_timeout": (int, float),
+    "request_timeout": (int, float),
+    "sql_certificate_access": (str,),
+    "sql_client_certificate": (str,),
 }
 
 
@@ -98,6 +140,7 @@ _TYPE_WORDS = {
     int: "a whole number",
     float: "a number",
     bool: "true or false",
+    list: "a list of strings",
 }
 
 
@@ -236,6 +279,97 @@ def check(settings: Settings) -> None:
         if value <= 0:
             msg = f"{name} must be positive; got {value}."
             raise ConfigurationError(msg)
+    if settings.sql_certificate_access not in ("read-only", "read-write", "full"):
+        msg = (
+            f"sql-certificate-access {settings.sql_certificate_access!r} is not "
+            "an access level; use read-only, read-write or full."
+        )
+        raise ConfigurationError(msg)
+    if settings.sql_client_certificate not in ("required", "optional"):
+        msg = (
+            f"sql-client-certificate {settings.sql_client_certificate!r} is "
+            "neither required nor optional."
+        )
+        raise ConfigurationError(msg)
+    _check_web(settings)
+
+
+#: The shortest HSTS max-age browsers' preload lists accept (one year).
+HSTS_PRELOAD_MIN_AGE = 31536000
+
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _check_web(settings: Settings) -> None:
+    """
+    Check the web server's settings.
+
+    Raises:
+        ConfigurationError: An HSTS option is given without ``hsts`` or
+            breaks the preload rules, a limit is not positive, or a header,
+            the server name or the WSGI name is malformed.
+    """
+    for name, value in (
+        ("max-request-size", settings.max_request_size),
+        ("max-connections", settings.max_connections),
+        ("web-idle-timeout", settings.web_idle_timeout),
+        ("request-timeout", settings.request_timeout),
+    ):
+        if value <= 0:
+            msg = f"{name} must be positive; got {value}."
+            raise ConfigurationError(msg)
+    for name, given in (
+        ("hsts-include-subdomains", settings.hsts_include_subdomains),
+        ("hsts-preload", settings.hsts_preload),
+        ("server-name", settings.server_name is not None),
+    ):
+        if given and not settings.hsts:
+            msg = (
+                f"{name} only applies with hsts (HSTS and the redirect from plain "
+                "HTTP); add --hsts, or leave it out."
+            )
+            raise ConfigurationError(msg)
+    if settings.hsts_preload and (
+        not settings.hsts_include_subdomains
+        or settings.hsts_max_age < HSTS_PRELOAD_MIN_AGE
+    ):
+        msg = (
+            "hsts-preload needs hsts-include-subdomains and an hsts-max-age of at "
+            f"least {HSTS_PRELOAD_MIN_AGE} (one year), as browsers' preload lists "
+            f"require; got max-age {settings.hsts_max_age}, includeSubDomains "
+            f"{'on' if settings.hsts_include_subdomains else 'off'}."
+        )
+        raise ConfigurationError(msg)
+    server_name = settings.server_name
+    if server_name is not None and not (
+        isIPAddress(server_name)
+        or isIPv6Address(server_name)
+        or _HOST_NAME.match(server_name)
+    ):
+        msg = (
+            f"server-name {server_name!r} is not a host name or IP address; give the "
+            "name browsers use for this server, like www.example.com (no "
+            "scheme, port or path)."
+        )
+        raise ConfigurationError(msg)
+    for header in settings.add_header:
+        if not isinstance(header, str):
+            msg = f"add-header must be a list of strings; got {header!r}."
+            raise ConfigurationError(msg)
+        from twisted_tls4d.web import parse_header
+
+        parse_header(header)
+    if settings.wsgi is not None and not _DOTTED_NAME.match(settings.wsgi):
+        msg = (
+            f"wsgi {settings.wsgi!r} is not a dotted name; give the module and "
+            "the application's name in it, like myproject.wsgi.application."
+        )
+        raise ConfigurationError(msg)
 
 
 def _listened_ports(settings: Settings) -> list[int]:

@@ -18,6 +18,15 @@ from twisted_tls4d.errors import Tls4dError
 
 _DEFAULTS = settings_module.Settings()
 
+#: Flags: True when given; when not given, the settings file or the default.
+_FLAGS = (
+    "no_http",
+    "hsts",
+    "hsts_include_subdomains",
+    "hsts_preload",
+    "directory_listing",
+)
+
 
 def _port(value: str) -> int:
     return int(value)
@@ -52,6 +61,22 @@ class Options(usage.Options):
             "hsts",
             None,
             "Send Strict-Transport-Security on HTTPS and redirect plain HTTP to HTTPS.",
+        ],
+        [
+            "hsts-include-subdomains",
+            None,
+            "Add includeSubDomains to HSTS: every subdomain is HTTPS-only too.",
+        ],
+        [
+            "hsts-preload",
+            None,
+            "Add preload to HSTS (needs --hsts-include-subdomains and a max-age "
+            "of a year or more).",
+        ],
+        [
+            "directory-listing",
+            None,
+            "List WebFolder folders that have no index.html [default: 404].",
         ],
     ]
 
@@ -143,7 +168,75 @@ class Options(usage.Options):
             f"[default: {_DEFAULTS.idle_timeout:g}].",
             float,
         ],
+        [
+            "server-name",
+            None,
+            None,
+            "With --hsts, the host plain HTTP redirects to [default: the "
+            "request's Host, if the HTTPS certificate covers it].",
+        ],
+        [
+            "wsgi",
+            None,
+            None,
+            "Serve this WSGI application (a dotted name, e.g. "
+            "myproject.wsgi.application) for paths no WebFolder file covers.",
+        ],
+        [
+            "max-request-size",
+            None,
+            None,
+            "Largest web request body in bytes; larger ones get 413 "
+            f"[default: {_DEFAULTS.max_request_size}].",
+            int,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most connections each web listener holds open; more are closed "
+            f"at once [default: {_DEFAULTS.max_connections}].",
+            int,
+        ],
+        [
+            "web-idle-timeout",
+            None,
+            None,
+            "Seconds a web connection may stay silent, handshake included "
+            f"[default: {_DEFAULTS.web_idle_timeout:g}].",
+            float,
+        ],
+        [
+            "request-timeout",
+            None,
+            None,
+            "Seconds a web client has to send a whole request once it started "
+            f"it; slower ones get 408 [default: {_DEFAULTS.request_timeout:g}].",
+            float,
+        ],
+        [
+            "sql-certificate-access",
+            None,
+            None,
+            "SQL access level of a client certificate whose name is not an SQL "
+            "user: read-only, read-write or full "
+            f"[default: {_DEFAULTS.sql_certificate_access}].",
+        ],
+        [
+            "sql-client-certificate",
+            None,
+            None,
+            "required, or optional to let SQL clients without a certificate "
+            "log in with a password (see 'tls4d users') "
+            f"[default: {_DEFAULTS.sql_client_certificate}].",
+        ],
     ]
+
+    def opt_add_header(self, header: str) -> None:
+        """
+        Add "Name: value" to every web answer (repeatable).
+        """
+        self.setdefault("add-header", []).append(header)
 
     settings: settings_module.Settings
 
@@ -157,7 +250,7 @@ class Options(usage.Options):
         given: dict[str, Any] = {}
         for key, value in self.items():
             name = key.replace("-", "_")
-            if name in settings_module.SERVERS or name in ("no_http", "hsts"):
+            if name in settings_module.SERVERS or name in _FLAGS:
                 given[name] = True if value else None
             elif name != "root":
                 given[name] = value

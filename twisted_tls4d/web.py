@@ -1,14 +1,21 @@
 """
-The web server: the root's WebFolder over HTTPS, with HSTS, and plain HTTP
-beside it that either serves the same site or, with HSTS on, redirects every
-request to HTTPS.
+The web server: the root's WebFolder (and, if configured, a WSGI application)
+over HTTPS, with HSTS, and plain HTTP beside it that either serves the same
+site or, with HSTS on, redirects every request to HTTPS.
+
+Requests are bounded in size and time, connections in number, and each
+listener writes an access log in the combined format, without query strings.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from cryptography import x509
 from service_identity import VerificationError
 from service_identity.cryptography import (
@@ -16,57 +23,307 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.web import resource, server, static
+from twisted.protocols.policies import ThrottlingFactory
+from twisted.python import logfile, reflect
+from twisted.python.components import proxyForInterface
+from twisted.web import http, resource, server, static
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
+
+from twisted_tls4d.errors import ConfigurationError
 
 _log = Logger()
 
+#: The size at which an access log is rotated, in bytes, and how many rotated
+#: files are kept beside it.
+ACCESS_LOG_ROTATE_LENGTH = 10 * 1000 * 1000
+ACCESS_LOG_KEPT = 10
 
-class WebFolder(static.File):
+#: Header names an operator may not set with ``--add-header``: HSTS has its
+#: own options (and must never go over plain HTTP), and the others belong to
+#: the HTTP framing.
+_RESERVED_HEADERS = frozenset(
+    {
+        "strict-transport-security",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+    }
+)
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_header(text: str) -> tuple[bytes, bytes]:
     """
-    Static files of a folder: an ``index.html`` for a folder that has one,
-    and never a listing of a folder's content.
+    Parse an ``--add-header`` value.
+
+    Args:
+        text: ``"Name: value"``.
+
+    Returns:
+        The header's name and value.
+
+    Raises:
+        ConfigurationError: The text has no colon, the name is not an HTTP
+            token or is reserved, or the value holds a line break.
     """
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not _TOKEN.match(name):
+        msg = (
+            f"add-header {text!r} is not 'Name: value' with a header name made "
+            "of letters, digits and -; write it like 'X-Frame-Options: DENY'."
+        )
+        raise ConfigurationError(msg)
+    if name.lower() in _RESERVED_HEADERS:
+        msg = f"add-header cannot set {name}: " + (
+            "use --hsts (with --hsts-max-age, --hsts-include-subdomains and "
+            "--hsts-preload), which never sends it over plain HTTP."
+            if name.lower() == "strict-transport-security"
+            else "the HTTP framing sets it."
+        )
+        raise ConfigurationError(msg)
+    if any(c in value for c in "\r\n\x00"):
+        msg = f"add-header {name}: the value must be one line; got {value!r}."
+        raise ConfigurationError(msg)
+    try:
+        return name.encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError as e:
+        msg = (
+            f"add-header {name}: the value {value!r} has characters HTTP headers "
+            "cannot carry; use ASCII."
+        )
+        raise ConfigurationError(msg) from e
 
-    def directoryListing(self) -> resource.Resource:  # noqa: N802 (Twisted's name)
-        """
-        Returns:
-            A 404 page instead of the folder's listing.
-        """
-        return resource.NoResource("No such page.")
 
-
-class HSTSSite(server.Site):
-    """
-    A site that adds ``Strict-Transport-Security`` to every answer. Serve it
-    over HTTPS only: browsers ignore the header over plain HTTP, and RFC 6797
-    forbids sending it there.
-    """
-
-    def __init__(
-        self, root: resource.Resource, header_value: str, **kwargs: Any
-    ) -> None:
-        super().__init__(root, **kwargs)
-        self.hsts_value = header_value.encode("ascii")
-
-    def getResourceFor(self, request: IRequest) -> Any:  # noqa: N802 (Twisted's name)
-        """
-        Set the HSTS header, then find the resource as usual.
-        """
-        request.setHeader(b"strict-transport-security", self.hsts_value)
-        return super().getResourceFor(request)
-
-
-def hsts_header(max_age: int) -> str:
+def hsts_header(
+    max_age: int, *, include_subdomains: bool = False, preload: bool = False
+) -> str:
     """
     Args:
         max_age: Seconds browsers should remember to use HTTPS only.
+        include_subdomains: Whether the rule covers every subdomain too.
+        preload: Whether to ask to be listed in browsers' preload lists.
 
     Returns:
         The ``Strict-Transport-Security`` header's value.
     """
-    return f"max-age={max_age}"
+    value = f"max-age={max_age}"
+    if include_subdomains:
+        value += "; includeSubDomains"
+    if preload:
+        value += "; preload"
+    return value
+
+
+def _inside(path: str, top: str) -> bool:
+    real = os.path.realpath(path)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+class AppFallback(resource.Resource):
+    """
+    Hands a request that no file of the WebFolder answers to a WSGI
+    application, with the whole request path as its ``PATH_INFO``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def render(self, request: Any) -> Any:
+        """
+        Returns:
+            What the application renders.
+        """
+        request.postpath = request.prepath + request.postpath
+        request.prepath = []
+        return self.app.render(request)
+
+
+class WebFolder(static.File):
+    """
+    The static files of a folder: ``index.html`` for a folder that has one,
+    byte ranges, ``Last-Modified`` and ``ETag`` validators; a folder's listing
+    only when asked for; never a file whose real path (symbolic links
+    resolved) lies outside the folder.
+
+    Attributes:
+        top: The real path of the served folder.
+        listing: Whether a folder without ``index.html`` is listed.
+        fallback: What answers a path no file covers (a WSGI application), or
+            None for 404.
+    """
+
+    top: str
+    listing: bool = False
+    fallback: resource.Resource | None = None
+
+    @classmethod
+    def serve(
+        cls,
+        folder: Path,
+        *,
+        listing: bool = False,
+        fallback: resource.Resource | None = None,
+    ) -> WebFolder:
+        """
+        Args:
+            folder: The folder to serve.
+            listing: List folders without ``index.html``.
+            fallback: What answers paths no file covers; 404 if None.
+
+        Returns:
+            The resource of the folder.
+        """
+        files = cls(str(folder))
+        files.top = os.path.realpath(folder)
+        files.listing = listing
+        files.fallback = fallback
+        not_found: Any = fallback
+        if not_found is None:
+            not_found = resource.NoResource("No such page.")
+        files.childNotFound = not_found
+        return files
+
+    def createSimilarFile(self, path: str) -> WebFolder:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The resource of a file or folder below this one, with the same
+            settings.
+        """
+        similar = super().createSimilarFile(path)
+        similar.top = self.top
+        similar.listing = self.listing
+        similar.fallback = self.fallback
+        return similar  # type: ignore[no-any-return]
+
+    def getChild(self, path: bytes, request: Any) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Find a file or folder as `static.File` does, refusing one whose real
+        path leaves the served folder (a symbolic link pointing outside).
+
+        Returns:
+            Its resource, or the not-found resource.
+        """
+        if b"\x00" in path:
+            return self.childNotFound
+        child = super().getChild(path, request)
+        if isinstance(child, static.File) and not _inside(child.path, self.top):
+            _log.warn(
+                "Refused to serve {path}: it resolves to {real}, outside the "
+                "WebFolder {top}",
+                path=child.path,
+                real=os.path.realpath(child.path),
+                top=self.top,
+            )
+            return self.childNotFound
+        return child
+
+    def listNames(self) -> list[str]:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The names a listing shows: those whose real path stays inside
+            the served folder.
+        """
+        return [
+            name
+            for name in super().listNames()
+            if _inside(os.path.join(self.path, name), self.top)
+        ]
+
+    def directoryListing(self) -> resource.Resource:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The folder's listing if listings are on; else the fallback, or a
+            404 page.
+        """
+        if self.listing:
+            return super().directoryListing()  # type: ignore[no-any-return,no-untyped-call]
+        return self.childNotFound
+
+    def render_GET(self, request: Any) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Serve the file as `static.File` does, with an ``ETag`` of its size
+        and modification time, answering ``If-None-Match`` with 304.
+
+        Returns:
+            The body, or NOT_DONE_YET while a producer sends it.
+        """
+        self.restat(False)
+        if self.isfile():
+            stat = os.stat(self.path)
+            etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'.encode("ascii")
+            if request.setETag(etag) is http.CACHED:
+                return b""
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
+class RedirectToHTTPS(resource.Resource):
+    """
+    Answers every plain HTTP request with a 301 to the same path and query on
+    the HTTPS port. The target host is ``server_name`` if set; otherwise the
+    request's ``Host``, if the server's certificate covers it. Any other
+    ``Host`` is answered 400, so a forged header cannot make this server
+    redirect a browser elsewhere.
+
+    Attributes:
+        certificate: The HTTPS certificate, whose names may be redirected to;
+            replaced when a reload brings a new one.
+        https_port: The port in the redirect; set once the HTTPS listener is
+            bound (it may have asked for port 0).
+        server_name: The one host name redirects go to, or None.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        certificate: x509.Certificate | None,
+        https_port: int,
+        server_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.certificate = certificate
+        self.https_port = https_port
+        self.server_name = server_name
+
+    def render(self, request: Any) -> bytes:
+        """
+        Returns:
+            A short page; the status and ``Location`` say what to do.
+        """
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if not request.uri.startswith(b"/"):
+            request.setResponseCode(400)
+            return b"This server answers only requests for a path ('GET /...').\n"
+        host = self.server_name
+        if host is None:
+            host = _split_host(request.getHeader(b"host") or b"")
+            certificate = self.certificate
+            if (
+                host is None
+                or certificate is None
+                or not certificate_covers(certificate, host)
+            ):
+                request.setResponseCode(400)
+                return b"This server answers plain HTTP only for its own host names.\n"
+        authority = f"[{host}]" if ":" in host else host
+        if self.https_port != 443:
+            authority += f":{self.https_port}"
+        location = f"https://{authority}".encode("ascii") + bytes(request.uri)
+        request.setResponseCode(301)
+        request.setHeader(b"location", location)
+        return b"Moved permanently to " + location + b"\n"
 
 
 def _split_host(host_header: bytes) -> str | None:
@@ -111,75 +368,570 @@ def certificate_covers(certificate: x509.Certificate, host: str) -> bool:
     return True
 
 
-class RedirectToHTTPS(resource.Resource):
+@attrs.frozen
+class Limits:
     """
-    Answers every plain HTTP request with a 301 to the same path and query on
-    the HTTPS port, for a host the server's certificate covers; any other
-    ``Host`` is answered 400, so a forged header cannot make this server
-    redirect a browser elsewhere.
+    What one request may take.
 
     Attributes:
-        certificate: The HTTPS certificate, whose names may be redirected to;
-            replaced when a reload brings a new one.
-        https_port: The port in the redirect; set once the HTTPS listener is
-            bound (it may have asked for port 0).
+        max_request_size: The largest request body, in bytes; a larger one
+            is answered 413.
+        request_timeout: Seconds from a request's first line to its last
+            byte; a slower request is answered 408 (HTTP/1.1) or reset
+            (HTTP/2).
     """
 
-    isLeaf = True
+    max_request_size: int = 2_000_000
+    request_timeout: float = 30.0
 
-    def __init__(self, certificate: x509.Certificate | None, https_port: int) -> None:
-        super().__init__()
-        self.certificate = certificate
-        self.https_port = https_port
 
-    def render(self, request: Any) -> bytes:
+class LimitedRequest(server.Request):
+    """
+    A request bounded by its site's `Limits`. Over HTTP/1.1 an oversized or
+    late request is answered at once and its connection closed, so its body
+    is never read; over HTTP/2 an oversized body is dropped as it arrives
+    and answered 413 when the stream ends, and a late stream is reset.
+    """
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self._received = 0
+        self._refused = False
+        self._too_large = False
+        site = getattr(channel, "site", None)
+        self._limits: Limits = getattr(site, "limits", None) or Limits()
+        reactor = getattr(site, "reactor", None)
+        self._deadline: Any = None
+        if reactor is not None:
+            self._deadline = reactor.callLater(
+                self._limits.request_timeout, self._too_slow
+            )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _peer(self) -> str:
+        address = self.getClientAddress()
+        host, port = getattr(address, "host", "?"), getattr(address, "port", "?")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _answer_now(self, code: int, phrase: bytes, body: bytes) -> None:
+        """
+        Answer an HTTP/1.1 request before it is fully received, and close
+        its connection.
+        """
+        self._refused = True
+        self._cancel_deadline()
+        headers = Headers()
+        headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        headers.setRawHeaders(b"connection", [b"close"])
+        for name, value in getattr(
+            getattr(self.channel, "site", None), "extra_headers", ()
+        ):
+            headers.addRawHeader(name, value)
+        self.channel.writeHeaders(b"HTTP/1.1", b"%d" % code, phrase, headers)
+        self.channel.write(body)
+        self.channel.loseConnection()
+
+    def _over_limit(self) -> None:
+        _log.warn(
+            "Refused a request body over {limit} bytes from {peer} (413); "
+            "--max-request-size sets the limit",
+            limit=self._limits.max_request_size,
+            peer=self._peer(),
+        )
+        if isinstance(self.channel, http.HTTPChannel):
+            self._answer_now(
+                413,
+                b"Content Too Large",
+                b"The request body is larger than this server accepts.\n",
+            )
+        else:
+            self._too_large = True
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        _log.warn(
+            "{peer} did not send its whole request within {timeout} s; closed "
+            "(--request-timeout sets the limit)",
+            peer=self._peer(),
+            timeout=self._limits.request_timeout,
+        )
+        if isinstance(self.channel, http.HTTPChannel):
+            self._answer_now(
+                408,
+                b"Request Timeout",
+                b"The request did not arrive in time.\n",
+            )
+        else:
+            self._refused = True
+            self.channel.abortConnection()
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Refuse a declared body length over the limit; else prepare for the
+        body as usual.
+        """
+        if length is not None and length > self._limits.max_request_size:
+            # No "100 Continue" for a body that is refused.
+            self.requestHeaders.removeHeader(b"expect")
+            super().gotLength(0)
+            self._over_limit()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Keep a chunk of the body while the body stays within the limit.
+        """
+        if self._refused or self._too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limits.max_request_size:
+            self._over_limit()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Process the complete request, unless it was answered already.
+        """
+        self._cancel_deadline()
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """
+        Answer 413 for an HTTP/2 request whose body was too large; else find
+        and render the resource as usual.
+        """
+        if self._too_large:
+            for name, value in getattr(
+                getattr(self.channel, "site", None), "extra_headers", ()
+            ):
+                self.responseHeaders.addRawHeader(name, value)
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.write(b"The request body is larger than this server accepts.\n")
+            self.finish()
+            return
+        super().process()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Stop the request's clock, then end it as usual.
+        """
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+
+class _LoggedRequest(proxyForInterface(IRequest, "_request")):  # type: ignore[misc]
+    """
+    What the access log sees of a request: its path and referrer without
+    their query strings, which may carry secrets.
+    """
+
+    @property
+    def uri(self) -> bytes:
+        return self._request.uri.split(b"?", 1)[0]  # type: ignore[no-any-return]
+
+    def getHeader(self, key: bytes) -> bytes | None:  # noqa: N802 (Twisted's name)
+        value = self._request.getHeader(key)
+        if value is not None and key.lower() == b"referer":
+            return value.split(b"?", 1)[0].split(b"#", 1)[0]  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
+
+    @property
+    def clientproto(self) -> bytes:
+        return self._request.clientproto  # type: ignore[no-any-return]
+
+    @property
+    def code(self) -> int:
+        return self._request.code  # type: ignore[no-any-return]
+
+    @property
+    def sentLength(self) -> int:  # noqa: N802 (Twisted's name)
+        return self._request.sentLength  # type: ignore[no-any-return]
+
+
+def access_log_line(timestamp: str, request: IRequest) -> str:
+    """
+    Format a request for the access log: the combined log format, with the
+    query string left out of the request line and of the referrer.
+
+    Args:
+        timestamp: The time, as the access log writes it.
+        request: The answered request.
+
+    Returns:
+        One line, without its line break.
+    """
+    return http.combinedLogFormatter(timestamp, _LoggedRequest(request))  # type: ignore[no-any-return]
+
+
+class WebSite(server.Site):
+    """
+    A site that adds fixed headers to every answer (HSTS over HTTPS, the
+    operator's ``--add-header``), bounds each request by `Limits`, and
+    writes its access log to a rotated file.
+
+    Attributes:
+        extra_headers: Headers added to every answer.
+        limits: What one request may take.
+    """
+
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self,
+        root: resource.Resource,
+        *,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+        limits: Limits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, logFormatter=access_log_line, **kwargs)
+        self.extra_headers = list(extra_headers)
+        self.limits = limits or Limits()
+
+    def getResourceFor(self, request: IRequest) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Set the extra headers, then find the resource as usual.
+        """
+        for name, value in self.extra_headers:
+            request.responseHeaders.addRawHeader(name, value)
+        return super().getResourceFor(request)
+
+    def _openLogFile(self, path: str | bytes) -> Any:  # noqa: N802 (Twisted's name)
         """
         Returns:
-            A short page; the status and ``Location`` say what to do.
+            The access log, rotated at `ACCESS_LOG_ROTATE_LENGTH` bytes with
+            `ACCESS_LOG_KEPT` old files kept (``access.log.1`` the newest).
         """
-        host = _split_host(request.getHeader(b"host") or b"")
-        certificate = self.certificate
-        if (
-            host is None
-            or certificate is None
-            or not certificate_covers(certificate, host)
-        ):
-            request.setResponseCode(400)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"This server answers plain HTTP only for its own host names.\n"
-        authority = f"[{host}]" if ":" in host else host
-        if self.https_port != 443:
-            authority += f":{self.https_port}"
-        location = f"https://{authority}".encode("ascii") + request.uri
-        request.setResponseCode(301)
-        request.setHeader(b"location", location)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Moved permanently to " + location + b"\n"
+        name = os.fsdecode(path)
+        return logfile.LogFile(
+            os.path.basename(name),
+            os.path.dirname(name),
+            rotateLength=ACCESS_LOG_ROTATE_LENGTH,
+            defaultMode=0o640,
+            maxRotatedFiles=ACCESS_LOG_KEPT,
+        )
+
+
+class ConnectionLimit(ThrottlingFactory):
+    """
+    Refuses connections over a number open at once: the listening socket
+    accepts and closes them at once, before any TLS handshake. A warning is
+    logged when the limit is reached, and a note once there is room again.
+
+    Attributes:
+        label: The listener, for the log.
+    """
+
+    def __init__(self, wrapped: IProtocolFactory, limit: int, label: str) -> None:
+        super().__init__(wrapped, maxConnectionCount=limit)
+        self.label = label
+        self._full = False
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The protocol of a new connection, or None to close it.
+        """
+        if self.connectionCount >= self.maxConnectionCount:
+            if not self._full:
+                self._full = True
+                _log.warn(
+                    "{label}: {limit} connections are open, the most "
+                    "--max-connections allows; new ones are closed at once",
+                    label=self.label,
+                    limit=self.maxConnectionCount,
+                )
+            return None
+        return super().buildProtocol(addr)
+
+    def unregisterProtocol(self, p: Any) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Count a closed connection out.
+        """
+        super().unregisterProtocol(p)
+        if self._full and self.connectionCount < self.maxConnectionCount:
+            self._full = False
+            _log.info(
+                "{label}: below {limit} connections again; accepting new ones",
+                label=self.label,
+                limit=self.maxConnectionCount,
+            )
+
+
+def load_wsgi_application(name: str) -> Callable[..., Any]:
+    """
+    Import a WSGI application by its dotted name.
+
+    Args:
+        name: ``package.module.attribute``.
+
+    Returns:
+        The application.
+
+    Raises:
+        ConfigurationError: The name cannot be imported or is not callable.
+    """
+    try:
+        application = reflect.namedAny(name)
+    except (
+        reflect.ModuleNotFound,
+        reflect.ObjectNotFound,
+        AttributeError,
+        ValueError,
+    ) as e:
+        msg = (
+            f"--wsgi {name!r} names no importable object ({e}); give the full "
+            "dotted name of the application, like myproject.wsgi.application, "
+            "with its package on PYTHONPATH."
+        )
+        raise ConfigurationError(msg) from e
+    except Exception as e:
+        msg = f"--wsgi {name!r}: importing it failed: {e!r}."
+        raise ConfigurationError(msg) from e
+    if not callable(application):
+        msg = (
+            f"--wsgi {name!r} is a {type(application).__name__}, not a WSGI "
+            "application (a callable taking environ and start_response)."
+        )
+        raise ConfigurationError(msg)
+    return application  # type: ignore[no-any-return]
+
+
+@attrs.frozen
+class WebOptions:
+    """
+    How the web server serves.
+
+    Attributes:
+        hsts_max_age: With a value, HTTPS answers carry HSTS with that
+            max-age and plain HTTP redirects to HTTPS; without, plain HTTP
+            serves the same site.
+        hsts_include_subdomains: Add ``includeSubDomains`` to HSTS.
+        hsts_preload: Add ``preload`` to HSTS.
+        server_name: The host plain HTTP redirects to; the request's own host
+            (if the certificate covers it) when None.
+        directory_listing: List folders without ``index.html``.
+        wsgi: The dotted name of a WSGI application serving the paths no file
+            covers, or None.
+        extra_headers: ``Name: value`` headers added to every answer.
+        limits: What one request may take.
+        idle_timeout: Seconds a connection may stay silent (also bounds an
+            unfinished TLS handshake).
+        log_folder: Where the access logs go (``https-access.log``,
+            ``http-access.log``); no access log if None.
+    """
+
+    hsts_max_age: int | None = None
+    hsts_include_subdomains: bool = False
+    hsts_preload: bool = False
+    server_name: str | None = None
+    directory_listing: bool = False
+    wsgi: str | None = None
+    extra_headers: Sequence[str] = ()
+    limits: Limits = Limits()
+    idle_timeout: float = 15.0
+    log_folder: Path | None = None
+
+
+def make_log_folder(folder: Path) -> None:
+    """
+    Create the access logs' folder (mode 0755) if it is missing.
+
+    Args:
+        folder: ``ROOT/Logs``.
+
+    Raises:
+        ConfigurationError: It cannot be created.
+    """
+    try:
+        folder.mkdir(mode=0o755, exist_ok=True)
+    except OSError as e:
+        msg = (
+            f"Cannot create the access log folder {folder}: {e.strerror}; make "
+            "the root writable, or create the folder yourself."
+        )
+        raise ConfigurationError(msg) from e
 
 
 def build_sites(
     web_folder: Path,
+    options: WebOptions,
     *,
-    hsts_max_age: int | None,
     https_port: int,
-) -> tuple[server.Site, server.Site, RedirectToHTTPS | None]:
+    reactor: Any,
+) -> tuple[WebSite, WebSite, RedirectToHTTPS | None]:
     """
     Build the HTTPS and plain HTTP sites of the web server.
 
     Args:
         web_folder: The folder of static files.
-        hsts_max_age: With a value, HTTPS answers carry HSTS with that
-            max-age and plain HTTP redirects to HTTPS; without, plain HTTP
-            serves the same files.
+        options: How to serve.
         https_port: The HTTPS port to redirect to.
+        reactor: The reactor, for timeouts and the WSGI thread pool.
 
     Returns:
         The HTTPS site, the plain HTTP site, and the redirecting resource
         (None without HSTS), whose ``certificate`` the caller sets and whose
         ``https_port`` it updates once the HTTPS port is bound.
+
+    Raises:
+        ConfigurationError: A header, the WSGI application or the log folder
+            cannot be used.
     """
-    files = WebFolder(str(web_folder))
-    if hsts_max_age is None:
-        return server.Site(files), server.Site(files), None
-    redirect = RedirectToHTTPS(None, https_port)
-    return HSTSSite(files, hsts_header(hsts_max_age)), server.Site(redirect), redirect
+    headers = [parse_header(text) for text in options.extra_headers]
+    fallback = None
+    if options.wsgi is not None:
+        from twisted.web.wsgi import WSGIResource
+
+        application = load_wsgi_application(options.wsgi)
+        fallback = AppFallback(
+            WSGIResource(reactor, reactor.getThreadPool(), application)
+        )
+    files = WebFolder.serve(
+        web_folder, listing=options.directory_listing, fallback=fallback
+    )
+    if options.log_folder is not None:
+        make_log_folder(options.log_folder)
+
+    def site(
+        root: resource.Resource, log_name: str, hsts: str | None = None
+    ) -> WebSite:
+        extra = list(headers)
+        if hsts is not None:
+            extra.insert(0, (b"strict-transport-security", hsts.encode("ascii")))
+        log_path = (
+            str(options.log_folder / log_name)
+            if options.log_folder is not None
+            else None
+        )
+        return WebSite(
+            root,
+            extra_headers=extra,
+            limits=options.limits,
+            logPath=log_path,
+            timeout=options.idle_timeout,
+            reactor=reactor,
+        )
+
+    if options.hsts_max_age is None:
+        return (
+            site(files, "https-access.log"),
+            site(files, "http-access.log"),
+            None,
+        )
+    hsts = hsts_header(
+        options.hsts_max_age,
+        include_subdomains=options.hsts_include_subdomains,
+        preload=options.hsts_preload,
+    )
+    redirect = RedirectToHTTPS(None, https_port, options.server_name)
+    return (
+        site(files, "https-access.log", hsts),
+        site(redirect, "http-access.log"),
+        redirect,
+    )
+
+
+def https_protocols() -> list[bytes]:
+    """
+    Returns:
+        The protocols the HTTPS listener offers by ALPN: HTTP/2 first when
+        Twisted can speak it (the ``h2`` and ``priority`` packages, the
+        ``http2`` extra), then HTTP/1.1.
+    """
+    return [b"h2", b"http/1.1"] if http.H2_ENABLED else [b"http/1.1"]
+
+
+def options_from(settings: Any, log_folder: Path | None) -> WebOptions:
+    """
+    Args:
+        settings: The server's `Settings`.
+        log_folder: Where the access logs go, or None for none.
+
+    Returns:
+        The web server's part of the settings.
+    """
+    return WebOptions(
+        hsts_max_age=settings.hsts_max_age if settings.hsts else None,
+        hsts_include_subdomains=settings.hsts_include_subdomains,
+        hsts_preload=settings.hsts_preload,
+        server_name=settings.server_name,
+        directory_listing=settings.directory_listing,
+        wsgi=settings.wsgi,
+        extra_headers=tuple(settings.add_header),
+        limits=Limits(
+            max_request_size=settings.max_request_size,
+            request_timeout=settings.request_timeout,
+        ),
+        idle_timeout=settings.web_idle_timeout,
+        log_folder=log_folder,
+    )
+
+
+def check_server_name(redirect: RedirectToHTTPS) -> None:
+    """
+    Warn if the redirect's ``server_name`` is not covered by the HTTPS
+    certificate: browsers sent there would refuse the connection.
+
+    Args:
+        redirect: The plain HTTP redirect, with its certificate set.
+    """
+    name, certificate = redirect.server_name, redirect.certificate
+    if name is None or certificate is None or certificate_covers(certificate, name):
+        return
+    _log.warn(
+        "--server-name {name} is not among the names of the HTTPS certificate; "
+        "browsers redirected there will refuse it: install a certificate for "
+        "{name}, or change --server-name",
+        name=name,
+    )
+
+
+def log_options(options: WebOptions) -> None:
+    """
+    Log how the web server serves: HSTS, the WSGI application, the access
+    logs and the limits.
+
+    Args:
+        options: The web server's options.
+    """
+    if options.hsts_max_age is not None:
+        _log.info(
+            "HSTS on: HTTPS answers carry {header}; plain HTTP redirects to {target}",
+            header=hsts_header(
+                options.hsts_max_age,
+                include_subdomains=options.hsts_include_subdomains,
+                preload=options.hsts_preload,
+            ),
+            target=options.server_name
+            or "the request's host, if the certificate covers it",
+        )
+    if options.wsgi is not None:
+        _log.info(
+            "WSGI application {name} answers what no WebFolder file covers",
+            name=options.wsgi,
+        )
+    if options.log_folder is not None:
+        _log.info(
+            "Access logs (combined format, without query strings): {folder}",
+            folder=str(options.log_folder),
+        )
+    _log.info(
+        "Web limits: request bodies up to {size} bytes, requests within "
+        "{request_timeout} s, idle connections closed after {idle_timeout} s; "
+        "HTTP/2 {h2}",
+        size=options.limits.max_request_size,
+        request_timeout=options.limits.request_timeout,
+        idle_timeout=options.idle_timeout,
+        h2="on" if http.H2_ENABLED else "off (install the http2 extra)",
+    )

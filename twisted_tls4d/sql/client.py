@@ -11,10 +11,13 @@ statements, get their results, and format results as text tables.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import defer
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
@@ -23,6 +26,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_tls4d import pki
 from twisted_tls4d.app.client import (
     describe_connection_failure,
     describe_tls_failure,
@@ -30,7 +34,7 @@ from twisted_tls4d.app.client import (
     server_certificate_of,
 )
 from twisted_tls4d.clienttls import ClientIdentity, client_options
-from twisted_tls4d.errors import Tls4dError
+from twisted_tls4d.errors import ConfigurationError, Tls4dError
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.wire import Value
 
@@ -105,6 +109,9 @@ class Result:
             changed; None for other statements.
         in_transaction: Whether the session has a transaction open (after a
             ``BEGIN`` not yet committed or rolled back).
+        types: The columns' types as the server declared them (``integer``,
+            ``real``, ``text``, ``blob``, ``null``, ``any``); empty if it
+            did not.
     """
 
     columns: tuple[str, ...]
@@ -112,6 +119,7 @@ class Result:
     row_count: int
     changes: int | None = None
     in_transaction: bool = False
+    types: tuple[str | None, ...] = ()
 
 
 class _Pending:
@@ -122,7 +130,9 @@ class _Pending:
     def __init__(self) -> None:
         self.deferred: defer.Deferred[Result] = defer.Deferred()
         self.columns: tuple[str, ...] = ()
+        self.types: tuple[str | None, ...] = ()
         self.rows: list[tuple[Value, ...]] = []
+        self.status: dict[str, Any] = {}
 
 
 @implementer(IHandshakeListener)
@@ -249,6 +259,9 @@ class _SQLClientProtocol(LineReceiver):
             _finish(current, message)
         elif isinstance(message.get("columns"), list):
             current.columns = tuple(str(name) for name in message["columns"])
+            types = message.get("types")
+            if isinstance(types, list) and len(types) == len(current.columns):
+                current.types = tuple(t if isinstance(t, str) else None for t in types)
         # Other messages are for later versions of the protocol: skip them.
 
     def _violation(self, why: str) -> None:
@@ -338,6 +351,7 @@ def _finish(pending: _Pending, status: dict[str, Any]) -> None:
                 row_count=len(rows),
                 changes=changes if isinstance(changes, int) else None,
                 in_transaction=bool(in_transaction),
+                types=pending.types,
             )
         )
         return
@@ -368,28 +382,50 @@ class SQLClient:
         self._protocol = protocol
         self.greeting = greeting
 
-    def execute(self, statement: str) -> defer.Deferred[Result]:
+    def execute(
+        self, statement: str, parameters: Sequence[Value] | None = None
+    ) -> defer.Deferred[Result]:
         """
         Run one SQL statement in this session.
 
         Args:
-            statement: One statement, on one line.
+            statement: One statement. Without parameters it is sent as a line
+                of its own and must not span lines; with them (even an empty
+                list) it is sent in a request that keeps them apart, and may.
+            parameters: The values of the statement's ``?`` placeholders, in
+                order: ``int``, ``float``, ``str``, ``bytes`` or None.
 
         Returns:
             A Deferred firing with the `Result`, or failing with `SQLError`
             if the server refused or failed the statement, with
             `SQLConnectionError` if the connection is lost before the answer,
-            or with ``ValueError`` if the statement is empty or spans lines
-            (this version of the protocol sends one statement a line).
+            or with ``ValueError`` if the statement is empty, or spans lines
+            without parameters, or a parameter is not a value of the protocol.
         """
-        if "\n" in statement or "\r" in statement:
-            msg = (
-                f"The statement {statement[:40]!r}... spans several lines; the SQL "
-                "protocol takes one statement a line, so join its lines first."
-            )
-            return defer.fail(ValueError(msg))
         if not statement.strip():
             msg = "The statement is empty; the server ignores empty lines."
+            return defer.fail(ValueError(msg))
+        if parameters is not None:
+            for value in parameters:
+                if value is not None and not isinstance(
+                    value, int | float | str | bytes
+                ):
+                    msg = (
+                        f"The parameter {value!r} is not an int, float, str, "
+                        "bytes or None."
+                    )
+                    return defer.fail(ValueError(msg))
+            try:
+                data = wire.statement_request(statement, list(parameters))
+            except UnicodeEncodeError as e:
+                msg = f"The request holds text UTF-8 cannot encode ({e.reason})."
+                return defer.fail(ValueError(msg))
+            return self._send(data)
+        if "\n" in statement or "\r" in statement:
+            msg = (
+                f"The statement {statement[:40]!r}... spans several lines; send "
+                "it with parameters (even none: []), or join its lines first."
+            )
             return defer.fail(ValueError(msg))
         try:
             data = statement.encode("utf-8") + wire.LINE_END
@@ -399,6 +435,29 @@ class SQLClient:
                 f"offset {e.start}, which UTF-8 cannot encode."
             )
             return defer.fail(ValueError(msg))
+        return self._send(data)
+
+    def login(self, user: str, password: str) -> defer.Deferred[Result]:
+        """
+        Log in as ``user``: the session's next statements run with that
+        user's access level.
+
+        Returns:
+            A Deferred firing when the server accepted the login (with an
+            empty `Result`), or failing with `SQLError` (code ``login``).
+        """
+        d = self._send(wire.login_request(user, password))
+
+        def accepted(result: Result) -> Result:
+            self.greeting = {**self.greeting, "user": user}
+            return result
+
+        return d.addCallback(accepted)
+
+    def _send(self, data: bytes) -> defer.Deferred[Result]:
+        """
+        Send one request line unless the connection is gone.
+        """
         if self._protocol.lost is not None:
             return defer.fail(self._protocol.lost)
         return self._protocol.send(data)
@@ -424,8 +483,12 @@ def connect(
     reactor: Any,
     host: str,
     port: int,
-    identity: ClientIdentity,
+    identity: ClientIdentity | None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    *,
+    ca: Path | None = None,
+    user: str | None = None,
+    password: str | None = None,
 ) -> defer.Deferred[SQLClient]:
     """
     Connect to a tls4d SQL server, present the client certificate, verify
@@ -437,23 +500,61 @@ def connect(
         host: The server's host name or IP address, which its certificate
             must cover.
         port: The server's port.
-        identity: The client's key, certificate and trusted CA.
+        identity: The client's key, certificate and trusted CA; None to
+            present no certificate (the server must take passwords).
         timeout: Seconds to wait for the connection and for the greeting.
+        ca: Without an identity, the CA certificates that signed the server's
+            certificate.
+        user: If given, log in as this user once greeted.
+        password: The user's password.
 
     Returns:
         A Deferred firing with the `SQLClient`, or failing with
         `SQLConnectionError` (no connection, TLS refused either way, not a
-        tls4d SQL server) or `twisted_tls4d.errors.PEMError` (the identity's
-        files are unusable).
+        tls4d SQL server), `SQLError` (the login failed) or
+        `twisted_tls4d.errors.PEMError` (the identity's files are unusable).
     """
-    return defer.ensureDeferred(_connect(reactor, host, port, identity, timeout))
+    return defer.ensureDeferred(
+        _connect(reactor, host, port, identity, timeout, ca, user, password)
+    )
+
+
+def _trust_only_options(host: str, ca: Path | None) -> Any:
+    """
+    Returns:
+        TLS options that verify the server against ``ca`` and present no
+        client certificate.
+
+    Raises:
+        ConfigurationError: No CA is given.
+    """
+    if ca is None:
+        msg = "Give the CA that signed the server's certificate (--ca FILE)."
+        raise ConfigurationError(msg)
+    trust = ssl.trustRootFromCertificates(
+        [
+            ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in pki.load_certificates(ca)
+        ]
+    )
+    return ssl.optionsForClientTLS(host, trustRoot=trust)
 
 
 async def _connect(
-    reactor: Any, host: str, port: int, identity: ClientIdentity, timeout: float
+    reactor: Any,
+    host: str,
+    port: int,
+    identity: ClientIdentity | None,
+    timeout: float,
+    ca: Path | None,
+    user: str | None,
+    password: str | None,
 ) -> SQLClient:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    options = client_options(host, identity)
+    if identity is not None:
+        options = client_options(host, identity)
+    else:
+        options = _trust_only_options(host, ca)
     tcp: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
     endpoint: Any = wrapClientTLS(options, tcp)
     try:
@@ -477,7 +578,14 @@ async def _connect(
             f"port ({wire.DEFAULT_PORT} by default)?"
         )
         raise SQLConnectionError(msg, failure_detail(e)) from e
-    return SQLClient(protocol, greeting)
+    client = SQLClient(protocol, greeting)
+    if user is not None:
+        try:
+            await client.login(user, password or "")
+        except SQLError:
+            await client.close()
+            raise
+    return client
 
 
 def _cell_text(value: Value) -> str:

@@ -10,6 +10,9 @@ main thread hands it each call with ``blockingCallFromThread``.
 from __future__ import annotations
 
 import argparse
+import functools
+import getpass
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -20,7 +23,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from twisted_tls4d.app.command import positive_seconds, tcp_port
 from twisted_tls4d.clienttls import ClientIdentity
-from twisted_tls4d.sql import wire
+from twisted_tls4d.sql import users, wire
 from twisted_tls4d.sql.client import (
     DEFAULT_CONNECT_TIMEOUT,
     SQLClient,
@@ -117,6 +120,13 @@ def add_parser(commands: Any) -> None:
         help="the CA certificates that signed the server's certificate (overrides DIR)",
     )
     parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="log in as this SQL user; the password is read from the terminal, "
+        "or from the TLS4D_SQL_PASSWORD environment variable. Without "
+        "--identity, --key and --cert, no certificate is presented (give --ca)",
+    )
+    parser.add_argument(
         "-e",
         "--execute",
         action="append",
@@ -134,6 +144,7 @@ def add_parser(commands: Any) -> None:
         "(default: %(default)g)",
     )
     parser.set_defaults(run=_run)
+    users.add_parser(commands)
 
 
 def _run_reactor(reactor: Any) -> None:
@@ -189,19 +200,36 @@ def _run(args: argparse.Namespace) -> int:
             interrupted the command outside the prompt.
         PEMError: The identity's files are unusable.
     """
-    identity = ClientIdentity.from_options(args.identity, args.key, args.cert, args.ca)
+    identity: ClientIdentity | None = None
+    if args.user is None or args.identity or args.key or args.cert:
+        identity = ClientIdentity.from_options(
+            args.identity, args.key, args.cert, args.ca
+        )
+    password = None
+    if args.user is not None:
+        password = os.environ.get("TLS4D_SQL_PASSWORD")
+        if password is None:
+            password = getpass.getpass(f"Password for {args.user}: ")
     with _ReactorThread() as reactor_thread:
         try:
             client: SQLClient = reactor_thread.call(
-                connect,
-                reactor_thread.reactor,
-                args.host,
-                args.port,
-                identity,
-                args.timeout,
+                functools.partial(
+                    connect,
+                    reactor_thread.reactor,
+                    args.host,
+                    args.port,
+                    identity,
+                    args.timeout,
+                    ca=args.ca,
+                    user=args.user,
+                    password=password,
+                )
             )
         except KeyboardInterrupt:
             msg = f"Interrupted while connecting to {args.host}:{args.port}."
+            raise SQLConnectionError(msg) from None
+        except SQLError as e:
+            msg = f"The SQL server refused the login: {e.message}"
             raise SQLConnectionError(msg) from None
         try:
             if args.statements:

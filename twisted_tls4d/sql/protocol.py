@@ -29,14 +29,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+import attrs
+from twisted.internet import defer, task
+from twisted.internet.interfaces import (
+    IPushProducer,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from twisted_tls4d._peer import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -45,8 +51,10 @@ from twisted_tls4d._peer import (
     common_name,
     peer_label,
 )
+from twisted_tls4d.errors import ConfigurationError
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.session import Answer, Session, error_answer
+from twisted_tls4d.sql.users import UserStore
 
 #: The longest statement line accepted, in bytes, unless told otherwise.
 DEFAULT_MAX_LINE_LENGTH = 1024 * 1024
@@ -56,6 +64,48 @@ DEFAULT_DATABASE_THREADS = 10
 
 #: How many characters of a statement's first word the debug log shows.
 _VERB_LENGTH = 16
+
+#: Seconds a login from a host waits after that host's first failed login;
+#: each further failure in a row doubles it, up to `MAX_LOGIN_DELAY`.
+LOGIN_DELAY = 0.5
+
+#: The longest wait before a login is checked, in seconds.
+MAX_LOGIN_DELAY = 30.0
+
+#: Seconds after which a host's failed logins are forgotten.
+LOGIN_FAILURES_FORGOTTEN = 3600.0
+
+#: How many hosts' failed logins are remembered at most.
+MAX_HOSTS_REMEMBERED = 10000
+
+
+@attrs.frozen
+class LoginOutcome:
+    """
+    What checking a login found.
+
+    Attributes:
+        access: The user's access level, or None if the login failed.
+        why: Why it failed, for the log.
+        message: Why it failed, for the client.
+        counts: Whether the failure counts towards slowing the peer down.
+    """
+
+    access: str | None
+    why: str = ""
+    message: str = ""
+    counts: bool = False
+
+
+def peer_host(transport: Any) -> str:
+    """
+    Returns:
+        The address of the connection's peer, without its port.
+    """
+    try:
+        return str(transport.getPeer().host)
+    except AttributeError:
+        return "unknown"
 
 
 def _verb(statement: str) -> str:
@@ -68,11 +118,53 @@ def _verb(statement: str) -> str:
     return words[0][:_VERB_LENGTH].upper() if words else ""
 
 
+@implementer(IPushProducer)
+class _AnswerStream:
+    """
+    Streams a large answer batch by batch: registered as the transport's
+    producer while the answer lasts, so that a client reading slowly pauses
+    the reading of rows instead of letting them pile up in memory.
+    """
+
+    def __init__(self, protocol: SQLServerProtocol) -> None:
+        self.protocol = protocol
+        self.paused = False
+        self.waiting = False
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        The transport's buffer is full: read no more rows for now.
+        """
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        The transport drained: read the next batch if one is waiting.
+        """
+        self.paused = False
+        if self.waiting:
+            self.waiting = False
+            self.protocol.fetch_next()
+
+    def stopProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        The connection is gone; `SQLServerProtocol.connectionLost` ends the
+        session.
+        """
+        self.paused = True
+        self.waiting = False
+
+
 class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
     """
-    One client connection: greets the client once its certificate is
-    verified, then runs each line as a statement of the client's session and
-    writes the answer in one piece.
+    One client connection: greets the client once the TLS handshake is done,
+    then runs each line as a statement (or a login) of the client's session
+    and writes the answer, batch by batch for large results.
+
+    A client with a certificate from the root's CA is greeted as the user of
+    its certificate's name; one without (only where the TLS context lets it
+    in, see `SQLServerFactory`) must log in with a user name and password
+    before any statement.
     """
 
     server_name = "SQL server"
@@ -81,8 +173,11 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
     #: The TLS transport; typed loosely, as zope interfaces confuse mypy.
     transport: Any
 
-    _session: Session | None = None
+    _session: Any = None
     _lost = False
+    _handshake_done = False
+    _user: str | None = None
+    _stream: _AnswerStream | None = None
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         """
@@ -90,38 +185,80 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         """
         self.start_handshake_timer()
 
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Learn the client's certificate if it sent one; a client without one
+        is let in to log in only if the factory takes passwords.
+        """
+        self._handshake_done = True
+        handle = self.transport.getHandle()
+        if handle.get_peer_certificate() is not None or not self.factory.passwords:
+            super().handshakeCompleted()
+            return
+        self.log.info(
+            "{server}: {peer} connected without a client certificate; it must log in",
+            server=self.server_name,
+            peer=peer_label(self.transport),
+        )
+        self.setTimeout(self.idle_timeout)
+        self._greet()
+
     def peer_authenticated(self) -> None:
+        """
+        Greet the client as the user its certificate names.
+        """
+        assert self.peer_certificate is not None
+        self._user = common_name(self.peer_certificate)
+        self._greet()
+
+    def _greet(self) -> None:
         """
         Open the client's session and greet it.
         """
         if self.factory.stopped:
             self.transport.abortConnection()
             return
-        self._session = self.factory.open_session(self)
-        assert self.peer_certificate is not None
-        self.transport.write(
-            wire.encode_line(wire.hello(common_name(self.peer_certificate)))
-        )
+        access = None
+        if self._user is not None:
+            access = self.factory.certificate_access_of(self._user)
+        self._session = self.factory.open_session(self, self._user, access)
+        client = common_name(self.peer_certificate) if self.peer_certificate else None
+        self.transport.write(wire.encode_line(wire.hello(client, self._user, access)))
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin)
+        """
+        Close a connection that took too long to handshake or went idle.
+        """
+        if self._handshake_done and self.peer_certificate is None:
+            self._timed_out_in = "idle"
+            self.log.info(
+                "{server}: closing {peer}: idle timeout",
+                server=self.server_name,
+                peer=peer_label(self.transport),
+            )
+            self.transport.abortConnection()
+            return
+        super().timeoutConnection()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
-        Split the bytes into lines once the client is authenticated; drop
-        them before that.
+        Split the bytes into lines once the client is greeted; drop them
+        before that.
         """
-        if self.peer_certificate is None or self._session is None:
+        if self._session is None:
             return
         self.resetTimeout()
         LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
-        Run one statement, holding back the following lines until its answer
+        Run one request, holding back the following lines until its answer
         is written.
         """
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
-            statement = line.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             self._refuse(
                 wire.ERROR_ENCODING,
@@ -129,22 +266,106 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
                 f"offset {e.start}); send statements in UTF-8.",
             )
             return
-        if not statement.strip():
+        if not text.strip():
             return
         if self.factory.stopped or self._session is None:
             self._refuse(wire.ERROR_SHUTDOWN, "The SQL server is shutting down.")
             self.transport.loseConnection()
+            return
+        try:
+            request = wire.parse_request(text)
+        except wire.WireFormatError as e:
+            self._refuse(wire.ERROR_REQUEST, str(e))
+            return
+        if request.statement is None:
+            self._login(request)
+            return
+        if self._user is None:
+            self._refuse(
+                wire.ERROR_LOGIN_REQUIRED,
+                "Log in first: this connection has no client certificate, so "
+                'send {"login": {"user": NAME, "password": PASSWORD}}.',
+            )
             return
 
         self.log.debug(
             "{server}: {peer} sent a statement beginning {verb}",
             server=self.server_name,
             peer=peer_label(self.transport),
-            verb=_verb(statement),
+            verb=_verb(request.statement),
         )
         self.setTimeout(None)
         self.pauseProducing()
-        d = self.factory.run_in_thread(self._session.execute, statement)
+        d = self.factory.run_in_thread(
+            self._session.start, request.statement, request.parameters
+        )
+        d.addErrback(self._internal_error)
+        d.addCallback(self._answer)
+
+    def _login(self, request: wire.Request) -> None:
+        """
+        Check a user name and password in a database thread, after a delay
+        that grows with the failures of the peer's host, and answer.
+        """
+        assert request.user is not None and request.password is not None
+        self.setTimeout(None)
+        self.pauseProducing()
+        host = peer_host(self.transport)
+        user, password = request.user, request.password
+
+        def check(_: object = None) -> defer.Deferred[Any]:
+            return self.factory.run_in_thread(
+                self.factory.check_login, self._session, user, password
+            )
+
+        delay = self.factory.login_slot(host)
+        if delay > 0:
+            d = task.deferLater(self.clock, delay, check)
+        else:
+            d = check()
+        d.addCallback(self._logged_in, user, host)
+        d.addErrback(self._internal_error)
+        d.addCallback(self._answer)
+
+    def _logged_in(self, outcome: LoginOutcome, user: str, host: str) -> Answer:
+        """
+        Turn the outcome of a login into its answer, and log it.
+        """
+        peer = peer_label(self.transport)
+        if outcome.access is not None:
+            self.factory.login_succeeded(host)
+            self._user = user
+            self.log.info(
+                "{server}: {peer} logged in as {user!r} ({access})",
+                server=self.server_name,
+                peer=peer,
+                user=user,
+                access=outcome.access,
+            )
+            return Answer(
+                wire.encode_line(wire.logged_in(user, outcome.access)), ok=True
+            )
+        if outcome.counts:
+            failures = self.factory.login_failed(host)
+            self.log.warn(
+                "{server}: failed login as {user!r} from {peer} ({failures} in a "
+                "row from {host}): {why}",
+                server=self.server_name,
+                peer=peer,
+                user=user,
+                host=host,
+                failures=failures,
+                why=outcome.why,
+            )
+        return error_answer(wire.ERROR_LOGIN, outcome.message)
+
+    def fetch_next(self) -> None:
+        """
+        Read the next batch of the answer being streamed.
+        """
+        if self._lost or self._session is None:
+            return
+        d = self.factory.run_in_thread(self._session.fetch)
         d.addErrback(self._internal_error)
         d.addCallback(self._answer)
 
@@ -162,17 +383,21 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         """
         Log a refused handshake, and end the session: its running statement
-        is interrupted, its uncommitted work rolled back, its SQLite
-        connection closed.
+        is interrupted, its uncommitted work rolled back, its connection to
+        the database closed.
         """
         self._lost = True
-        self.log_refusal_if_any(reason)
+        if self._handshake_done and self.peer_certificate is None:
+            self.setTimeout(None)
+        else:
+            self.log_refusal_if_any(reason)
         if self._session is not None:
             self.factory.end_session(self)
 
     def _answer(self, answer: Answer) -> None:
         """
-        Write a statement's answer and read the next line.
+        Write an answer, or one batch of it; then read the next batch, or,
+        once the answer is complete, the next line.
         """
         if self._lost:
             return
@@ -183,6 +408,18 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         if not answer.ok:
             self._log_error(answer)
         self.transport.write(answer.data)
+        if not answer.done:
+            if self._stream is None:
+                self._stream = _AnswerStream(self)
+                self.transport.registerProducer(self._stream, True)
+            if self._stream.paused:
+                self._stream.waiting = True
+            else:
+                self.clock.callLater(0, self.fetch_next)
+            return
+        if self._stream is not None:
+            self._stream = None
+            self.transport.unregisterProducer()
         self.setTimeout(self.idle_timeout)
         self.resumeProducing()
 
@@ -191,7 +428,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         Log a failure of the server itself and answer it without details.
         """
         self.log.failure(
-            "{server}: running a statement of {peer} failed",
+            "{server}: running a request of {peer} failed",
             failure,
             server=self.server_name,
             peer=peer_label(self.transport),
@@ -217,9 +454,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
             "{server}: statement from {peer} ({client!r}) failed: {error}",
             server=self.server_name,
             peer=peer_label(self.transport),
-            client=(
-                common_name(self.peer_certificate) if self.peer_certificate else None
-            ),
+            client=self._user,
             error=answer.error,
         )
 
@@ -250,6 +485,10 @@ class SQLServerFactory(Factory):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         threadpool: ThreadPool | None = None,
         reactor: IReactorFromThreads | None = None,
+        users_file: Path | None = None,
+        passwords: bool = False,
+        certificate_access: str = wire.FULL,
+        backend: str | None = None,
     ) -> None:
         """
         Args:
@@ -266,6 +505,17 @@ class SQLServerFactory(Factory):
                 starts and `stop` stops.
             reactor: Where answers from the database threads are delivered;
                 the global reactor if None.
+            users_file: The users and their password hashes and access
+                levels (``Settings/sql-users.json``); read at each login, so
+                ``tls4d users`` changes apply at once. None: no user can
+                log in with a password.
+            passwords: Whether clients without a certificate are greeted (to
+                log in) rather than refused; the TLS context must then ask
+                for a client certificate without requiring one.
+            certificate_access: The access level of a client authenticated
+                by certificate whose name is not a user of ``users_file``.
+            backend: A ``postgresql://`` URL to serve that database instead of
+                ``database``; None for SQLite.
         """
         self.database = database
         self.clock = clock
@@ -275,7 +525,13 @@ class SQLServerFactory(Factory):
         self._owns_threadpool = threadpool is None
         self._threadpool = threadpool
         self._reactor = reactor
-        self._sessions: dict[SQLServerProtocol, Session] = {}
+        self._sessions: dict[SQLServerProtocol, Any] = {}
+        self.users_file = users_file
+        self.passwords = passwords
+        self.certificate_access = certificate_access
+        self.backend = backend
+        self._login_failures: dict[str, tuple[int, float]] = {}
+        self._login_next: dict[str, float] = {}
         self.stopped = False
 
     @property
@@ -359,15 +615,130 @@ class SQLServerFactory(Factory):
         protocol.MAX_LENGTH = self.max_line_length
         return protocol
 
-    def open_session(self, protocol: SQLServerProtocol) -> Session:
+    def open_session(
+        self,
+        protocol: SQLServerProtocol,
+        user: str | None = None,
+        access: str | None = None,
+    ) -> Any:
         """
+        Args:
+            protocol: The connection.
+            user: Whom the session runs for; None until a login.
+            access: The user's access level; None (read-only until a login,
+                which the protocol requires first) if not known.
+
         Returns:
-            A new session for an authenticated connection, ended by
-            `end_session` or `stop`.
+            A new session for a greeted connection, ended by `end_session` or
+            `stop`.
         """
-        session = Session(self.database)
+        level = access or wire.READ_ONLY
+        session: Any
+        if self.backend is not None:
+            from twisted_tls4d.sql.postgres import PostgresSession
+
+            session = PostgresSession(self.backend, access=level, user=user)
+        else:
+            session = Session(self.database, access=level, user=user)
         self._sessions[protocol] = session
         return session
+
+    def _users(self) -> UserStore:
+        """
+        Returns:
+            The users as the users file holds them now; none without one.
+
+        Raises:
+            ConfigurationError: The users file is unreadable or invalid.
+        """
+        if self.users_file is None:
+            return UserStore({})
+        return UserStore.load(self.users_file)
+
+    def certificate_access_of(self, name: str) -> str:
+        """
+        Args:
+            name: The common name of a client's verified certificate.
+
+        Returns:
+            The access level of the user of that name if there is one, else
+            `certificate_access`.
+        """
+        try:
+            user = self._users().get(name)
+        except ConfigurationError as e:
+            self.log.error("SQL server: {error}", error=str(e))
+            return wire.READ_ONLY
+        return user.access if user is not None else self.certificate_access
+
+    def check_login(self, session: Any, user: str, password: str) -> LoginOutcome:
+        """
+        Check a password and switch ``session`` to the user. Blocks (the
+        password hash takes tens of milliseconds): call it in a database
+        thread.
+
+        Returns:
+            The outcome: the user's access level, or why not.
+        """
+        try:
+            access = self._users().verify(user, password)
+        except ConfigurationError as e:
+            return LoginOutcome(None, str(e), "The server cannot check passwords now.")
+        if access is None:
+            return LoginOutcome(
+                None,
+                "unknown user or wrong password",
+                "Unknown user or wrong password; the session goes on.",
+                counts=True,
+            )
+        try:
+            session.set_user(user, access)
+        except ValueError as e:
+            return LoginOutcome(None, str(e), f"{e} Then log in.")
+        return LoginOutcome(access)
+
+    def login_slot(self, host: str) -> float:
+        """
+        Reserve the next moment a login from ``host`` may be checked: at
+        once if its last login did not fail, else spaced after the previous
+        attempt by a delay that doubles with each failure in a row.
+
+        Returns:
+            Seconds to wait before checking the password.
+        """
+        now = self.clock.seconds()
+        failures, last = self._login_failures.get(host, (0, 0.0))
+        if failures == 0 or now - last > LOGIN_FAILURES_FORGOTTEN:
+            return 0.0
+        backoff = min(LOGIN_DELAY * 2 ** (failures - 1), MAX_LOGIN_DELAY)
+        slot = max(now, self._login_next.get(host, now))
+        self._login_next[host] = slot + backoff
+        return slot + backoff - now
+
+    def login_failed(self, host: str) -> int:
+        """
+        Count a failed login from ``host``.
+
+        Returns:
+            How many logins from it failed in a row.
+        """
+        now = self.clock.seconds()
+        failures, last = self._login_failures.pop(host, (0, 0.0))
+        if now - last > LOGIN_FAILURES_FORGOTTEN:
+            failures = 0
+        if len(self._login_failures) >= MAX_HOSTS_REMEMBERED:
+            oldest = min(self._login_failures, key=lambda h: self._login_failures[h][1])
+            del self._login_failures[oldest]
+            self._login_next.pop(oldest, None)
+        self._login_failures[host] = (failures + 1, now)
+        return failures + 1
+
+    def login_succeeded(self, host: str) -> None:
+        """
+        Forget the failed logins of ``host``.
+        """
+        self._login_failures.pop(host, None)
+        self._login_next.pop(host, None)
 
     def end_session(self, protocol: SQLServerProtocol) -> None:
         """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -22,22 +23,58 @@ from twisted_tls4d.sql import wire
 #: "database is locked".
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-#: Authorizer actions refused to clients: ATTACH (and VACUUM INTO, which
+#: Rows a batch of a streamed result holds at most.
+BATCH_ROWS = 500
+
+#: Bytes of encoded rows after which a batch ends early.
+BATCH_BYTES = 256 * 1024
+
+#: Authorizer actions refused to every client: ATTACH (and VACUUM INTO, which
 #: attaches its target) would let them read or write any file the server may.
 _REFUSED_ACTIONS = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
+
+#: Authorizer actions a read-only user may take: read, and delimit
+#: transactions.
+_READ_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_SELECT,
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_FUNCTION,
+        sqlite3.SQLITE_TRANSACTION,
+        sqlite3.SQLITE_SAVEPOINT,
+        sqlite3.SQLITE_RECURSIVE,
+    }
+)
+
+#: Authorizer actions a read-write user may take beyond reading.
+_WRITE_ACTIONS = frozenset(
+    {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
+)
+
+#: SQLite's error names that mean a statement was refused for its access.
+_ACCESS_ERRORS = frozenset({"SQLITE_AUTH", "SQLITE_READONLY"})
+
+#: What each access level allows, in words, for error messages.
+_ALLOWS = {
+    wire.READ_ONLY: "reading only",
+    wire.READ_WRITE: "reading and changing rows but not the schema",
+    wire.FULL: "everything but reaching other files",
+}
 
 
 @attrs.frozen
 class Answer:
     """
-    The server's answer to one statement, ready to send.
+    The server's answer to one statement, or one batch of it, ready to send.
 
     Attributes:
         data: The answer's lines, each with its line end.
-        ok: Whether the statement succeeded.
-        rows: How many row lines the answer holds.
+        ok: Whether the statement succeeded (so far, if not ``done``).
+        rows: How many row lines the answer (or batch) holds.
         error: The error message when it failed.
         notice: Something the server's operator should read, or None.
+        done: Whether the answer is complete; if not, `Session.fetch` gives
+            the next batch.
     """
 
     data: bytes
@@ -45,6 +82,7 @@ class Answer:
     rows: int = 0
     error: str | None = None
     notice: str | None = None
+    done: bool = True
 
 
 def _decode_text(raw: bytes) -> str:
@@ -56,19 +94,6 @@ def _decode_text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _authorize(
-    action: int,
-    arg1: str | None,
-    arg2: str | None,
-    database: str | None,
-    source: str | None,
-) -> int:
-    """
-    SQLite's authorizer callback: refuse `_REFUSED_ACTIONS`, allow the rest.
-    """
-    return sqlite3.SQLITE_DENY if action in _REFUSED_ACTIONS else sqlite3.SQLITE_OK
-
-
 class Session:
     """
     A client's SQLite connection, opened on its first statement and used by
@@ -76,28 +101,108 @@ class Session:
 
     SQLite runs in autocommit mode: each statement commits on its own unless
     the client opened a transaction with ``BEGIN``, which lasts until its
-    ``COMMIT`` or ``ROLLBACK`` or until `close` rolls it back.
+    ``COMMIT`` or ``ROLLBACK`` or until `close` rolls it back. Commits are
+    durable (WAL with ``synchronous=FULL``): once a commit is answered it
+    survives a crash of the server or the machine.
+
+    A statement's answer comes whole from `execute`, or in batches from
+    `start` then `fetch` until one is ``done``, so that a large result never
+    sits in memory at once.
     """
 
     def __init__(
-        self, database: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+        self,
+        database: Path,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        access: str = wire.FULL,
+        user: str | None = None,
     ) -> None:
         """
         Args:
             database: The SQLite database file; its folder must exist.
             busy_timeout: Seconds a statement waits for another session's lock.
+            access: What the session may do: ``read-only``, ``read-write`` or
+                ``full``.
+            user: Whom the session runs for, for error messages.
+
+        Raises:
+            ValueError: ``access`` is not an access level.
         """
+        _check_access(access)
         self._database = database
         self._busy_timeout = busy_timeout
+        self._access = access
+        self._user = user
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None
+        self._rows = 0
+        self._denied: str | None = None
         self._closed = False
         self._abandoned = False
 
+    @property
+    def access(self) -> str:
+        """The session's access level."""
+        return self._access
+
+    def set_user(self, user: str | None, access: str) -> None:
+        """
+        Run the session's next statements as ``user`` with ``access``, on a
+        new connection. Blocks: call it in a database thread.
+
+        Raises:
+            ValueError: ``access`` is not an access level, or a transaction
+                is open.
+        """
+        _check_access(access)
+        with self._lock:
+            if self._connection is not None and self._connection.in_transaction:
+                msg = "Finish the open transaction (COMMIT or ROLLBACK) first."
+                raise ValueError(msg)
+            self._close_connection()
+            self._user, self._access = user, access
+
+    def _authorize(
+        self,
+        action: int,
+        arg1: str | None,
+        arg2: str | None,
+        database: str | None,
+        source: str | None,
+    ) -> int:
+        """
+        SQLite's authorizer callback: refuse what the session's access level
+        does not allow, and remember what, for the error message.
+        """
+        if action in _REFUSED_ACTIONS:
+            self._denied = "reaching other database files (ATTACH)"
+            return sqlite3.SQLITE_DENY
+        if self._access == wire.FULL or action in _READ_ACTIONS:
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_PRAGMA:
+            if arg2 is None and self._access != wire.READ_ONLY:
+                return sqlite3.SQLITE_OK
+            if arg2 is None and arg1 not in ("query_only", "writable_schema"):
+                return sqlite3.SQLITE_OK
+            self._denied = f"PRAGMA {arg1}"
+            return sqlite3.SQLITE_DENY
+        if self._access == wire.READ_WRITE and action in _WRITE_ACTIONS:
+            if arg1 is not None and arg1.startswith("sqlite_"):
+                self._denied = f"changing {arg1}"
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+        if action in _WRITE_ACTIONS:
+            self._denied = f"changing {arg1}"
+        else:
+            self._denied = "changing the schema"
+        return sqlite3.SQLITE_DENY
+
     def _connect(self) -> tuple[sqlite3.Connection, str | None]:
         """
-        Open the session's connection, in WAL mode so readers and a writer of
-        different sessions do not block each other.
+        Open the session's connection: WAL mode so readers and a writer of
+        different sessions do not block each other, full synchronous commits
+        for durability, and the session's access level enforced.
 
         Returns:
             The connection, and a notice for the log if WAL mode could not be
@@ -111,11 +216,15 @@ class Session:
             timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
+            cached_statements=0,
         )
         try:
             connection.text_factory = _decode_text
             (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
-            connection.set_authorizer(_authorize)
+            connection.execute("PRAGMA synchronous=FULL")
+            if self._access == wire.READ_ONLY:
+                connection.execute("PRAGMA query_only=ON")
+            connection.set_authorizer(self._authorize)
         except BaseException:
             connection.close()
             raise
@@ -127,42 +236,181 @@ class Session:
             )
         return connection, notice
 
-    def execute(self, statement: str) -> Answer:
+    def execute(self, statement: str, parameters: Sequence[wire.Value] = ()) -> Answer:
         """
-        Run one statement and encode the answer. Blocks: call it in a
+        Run one statement and encode its whole answer. Blocks: call it in a
         database thread.
 
         Args:
             statement: One SQL statement.
+            parameters: The values of its ``?`` placeholders.
 
         Returns:
             The answer: the columns and every row then a success status, or
             an error status carrying SQLite's message.
+        """
+        answer = self.start(statement, parameters)
+        parts = [answer]
+        while not parts[-1].done:
+            parts.append(self.fetch())
+        last = parts[-1]
+        return Answer(
+            b"".join(part.data for part in parts),
+            ok=last.ok,
+            rows=sum(part.rows for part in parts),
+            error=last.error,
+            notice=answer.notice,
+        )
+
+    def start(self, statement: str, parameters: Sequence[wire.Value] = ()) -> Answer:
+        """
+        Run one statement and encode the first batch of its answer. Blocks:
+        call it in a database thread.
+
+        Args:
+            statement: One SQL statement.
+            parameters: The values of its ``?`` placeholders.
+
+        Returns:
+            The header and first rows, with the status too if they are all;
+            else `fetch` gives the rest. Or an error status carrying SQLite's
+            message.
         """
         with self._lock:
             if self._closed or self._abandoned:
                 return _failed(
                     wire.ERROR_SHUTDOWN, "The session is closed; reconnect to go on."
                 )
+            self._finish_cursor()
             notice = None
             try:
                 if self._connection is None:
                     self._connection, notice = self._connect()
-                return attrs.evolve(_run(self._connection, statement), notice=notice)
-            except (sqlite3.Error, ValueError) as e:
-                in_transaction = (
-                    None
-                    if self._connection is None
-                    else self._connection.in_transaction
+                self._denied = None
+                self._rows = 0
+                cursor = self._connection.cursor()
+                self._cursor = cursor
+                cursor.execute(statement, tuple(parameters))
+                return attrs.evolve(self._batch(first=True), notice=notice)
+            except (sqlite3.Error, ValueError, OverflowError) as e:
+                self._finish_cursor()
+                return attrs.evolve(self._error(e), notice=notice)
+
+    def fetch(self) -> Answer:
+        """
+        Encode the next batch of the answer `start` began. Blocks: call it in
+        a database thread.
+
+        Returns:
+            The next rows, with the status if they are the last; or an error
+            status if reading failed (the client discards the rows it got).
+        """
+        with self._lock:
+            if self._cursor is None:
+                return _failed(wire.ERROR_INTERNAL, "No statement is running.")
+            if self._closed or self._abandoned:
+                self._finish_cursor()
+                return _failed(
+                    wire.ERROR_SHUTDOWN, "The session is closed; reconnect to go on."
                 )
-                answer = _failed(
-                    wire.ERROR_SQL,
-                    str(e),
-                    in_transaction,
-                    getattr(e, "sqlite_errorcode", None),
-                    getattr(e, "sqlite_errorname", None),
+            try:
+                return self._batch(first=False)
+            except (sqlite3.Error, ValueError, OverflowError) as e:
+                self._finish_cursor()
+                return self._error(e)
+
+    def _batch(self, first: bool) -> Answer:
+        """
+        Read and encode the next rows of the running statement; on the last
+        ones, add the status and let the cursor go.
+
+        Raises:
+            sqlite3.Error: Reading a row failed.
+        """
+        cursor = self._cursor
+        connection = self._connection
+        assert cursor is not None and connection is not None
+        rows = cursor.fetchmany(BATCH_ROWS) if cursor.description is not None else []
+        lines = []
+        if first and cursor.description is not None:
+            names = [d[0] for d in cursor.description]
+            types = wire.column_types(rows, len(names))
+            lines.append(wire.encode_line(wire.columns(names, types)))
+        size = 0
+        for row in rows:
+            line = wire.encode_line([wire.encode_value(v) for v in row])
+            size += len(line)
+            lines.append(line)
+        self._rows += len(rows)
+        done = cursor.description is None or len(rows) < BATCH_ROWS
+        if done:
+            changes = cursor.rowcount if cursor.rowcount >= 0 else None
+            self._finish_cursor()
+            lines.append(
+                wire.encode_line(
+                    wire.success(self._rows, changes, connection.in_transaction)
                 )
-                return attrs.evolve(answer, notice=notice)
+            )
+        return Answer(b"".join(lines), ok=True, rows=len(rows), done=done)
+
+    def _error(self, error: Exception) -> Answer:
+        """
+        Returns:
+            The error status for an exception of SQLite, naming the access
+            level when the authorizer or a read-only connection refused.
+        """
+        in_transaction = (
+            None if self._connection is None else self._connection.in_transaction
+        )
+        name = getattr(error, "sqlite_errorname", None)
+        code = wire.ERROR_SQL
+        message = str(error)
+        if name in _ACCESS_ERRORS and self._access != wire.FULL or self._denied:
+            code = wire.ERROR_ACCESS
+            who = f"User {self._user!r}" if self._user else "This session"
+            what = f" ({self._denied})" if self._denied else ""
+            message = (
+                f"{who} has {self._access} access, which allows "
+                f"{_ALLOWS[self._access]}; the statement was refused{what}. "
+                f"SQLite said: {error}."
+            )
+        return _failed(
+            code,
+            message,
+            in_transaction,
+            getattr(error, "sqlite_errorcode", None),
+            name,
+        )
+
+    def _finish_cursor(self) -> None:
+        """
+        Let go of the running statement's cursor, if any.
+        """
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
+            try:
+                cursor.close()
+            except sqlite3.Error:
+                pass
+
+    def _close_connection(self) -> bool:
+        """
+        Roll back and close the connection, if open.
+
+        Returns:
+            Whether uncommitted work was rolled back.
+        """
+        self._finish_cursor()
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return False
+        rolled_back = connection.in_transaction
+        try:
+            if rolled_back:
+                connection.rollback()
+        finally:
+            connection.close()
+        return rolled_back
 
     def abandon(self) -> None:
         """
@@ -187,46 +435,18 @@ class Session:
         """
         with self._lock:
             self._closed = True
-            connection, self._connection = self._connection, None
-            if connection is None:
-                return False
-            rolled_back = connection.in_transaction
-            try:
-                if rolled_back:
-                    connection.rollback()
-            finally:
-                connection.close()
-            return rolled_back
+            return self._close_connection()
 
 
-def _run(connection: sqlite3.Connection, statement: str) -> Answer:
+def _check_access(access: str) -> None:
     """
-    Execute ``statement`` and encode its whole answer.
-
     Raises:
-        sqlite3.Error: SQLite refused or failed the statement; no line of the
-            answer was produced.
-        ValueError: The statement holds a NUL character.
+        ValueError: ``access`` is not one of `wire.ACCESS_LEVELS`.
     """
-    cursor = connection.cursor()
-    try:
-        cursor.execute(statement)
-        lines = []
-        if cursor.description is not None:
-            lines.append(
-                wire.encode_line(wire.columns([d[0] for d in cursor.description]))
-            )
-        rows = 0
-        for row in cursor:
-            lines.append(wire.encode_line([wire.encode_value(v) for v in row]))
-            rows += 1
-        changes = cursor.rowcount if cursor.rowcount >= 0 else None
-    finally:
-        cursor.close()
-    lines.append(
-        wire.encode_line(wire.success(rows, changes, connection.in_transaction))
-    )
-    return Answer(b"".join(lines), ok=True, rows=rows)
+    if access not in wire.ACCESS_LEVELS:
+        levels = ", ".join(wire.ACCESS_LEVELS)
+        msg = f"Access level {access!r} is unknown; use one of {levels}."
+        raise ValueError(msg)
 
 
 def _failed(

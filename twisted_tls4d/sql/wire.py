@@ -17,6 +17,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
+
 #: The version of the line format this module speaks, sent in the greeting.
 PROTOCOL_VERSION = 1
 
@@ -32,6 +34,29 @@ ERROR_ENCODING = "encoding"
 ERROR_LINE_TOO_LONG = "line_too_long"
 ERROR_INTERNAL = "internal"
 ERROR_SHUTDOWN = "shutdown"
+ERROR_REQUEST = "request"
+ERROR_LOGIN = "login"
+ERROR_LOGIN_REQUIRED = "login_required"
+ERROR_ACCESS = "access"
+
+#: The access levels of users, from least to most.
+READ_ONLY = "read-only"
+READ_WRITE = "read-write"
+FULL = "full"
+ACCESS_LEVELS = (READ_ONLY, READ_WRITE, FULL)
+
+#: Column types of a header's ``types``: a value's type, ``null`` when the
+#: first rows held only NULL there, ``any`` when they mixed types.
+TYPE_INTEGER = "integer"
+TYPE_REAL = "real"
+TYPE_TEXT = "text"
+TYPE_BLOB = "blob"
+TYPE_NULL = "null"
+TYPE_ANY = "any"
+
+#: What this version of the protocol offers beyond plain statement lines,
+#: announced in the greeting.
+FEATURES = ("parameters", "types", "streaming", "login")
 
 #: Python values of the non-finite REAL values, by their name on the wire.
 _NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
@@ -129,29 +154,176 @@ def decode_line(line: bytes) -> dict[str, Any] | list[Any]:
     return value
 
 
-def hello(client: str) -> dict[str, Any]:
+@attrs.frozen
+class Request:
+    """
+    One line of a client, parsed.
+
+    Attributes:
+        statement: The SQL statement to run, or None for a login.
+        parameters: The values of the statement's ``?`` placeholders.
+        user: The user name of a login request.
+        password: The password of a login request.
+    """
+
+    statement: str | None = None
+    parameters: tuple[Value, ...] = ()
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+def parse_request(text: str) -> Request:
     """
     Args:
-        client: The common name of the client's certificate.
+        text: One line of a client, decoded, without its line end and not
+            blank.
 
     Returns:
-        The greeting message the server sends once the client is authenticated.
+        The request: the line itself as a statement unless it starts with
+        ``{``, else the JSON request object it holds.
+
+    Raises:
+        WireFormatError: A JSON request is not valid JSON, or not one of
+            ``{"sql": TEXT, "params": [VALUE, ...]}`` and
+            ``{"login": {"user": NAME, "password": TEXT}}``.
+    """
+    if not text.lstrip().startswith("{"):
+        return Request(statement=text)
+    try:
+        request = json.loads(text)
+    except ValueError as e:
+        msg = f"The request is not valid JSON ({e}); see docs/sql-protocol.md."
+        raise WireFormatError(msg) from e
+    if isinstance(request, dict) and isinstance(request.get("sql"), str):
+        parameters = request.get("params", [])
+        if not isinstance(parameters, list):
+            msg = "The request's params must be a JSON array of values."
+            raise WireFormatError(msg)
+        return Request(
+            statement=request["sql"],
+            parameters=tuple(decode_value(p) for p in parameters),
+        )
+    login = request.get("login") if isinstance(request, dict) else None
+    if (
+        isinstance(login, dict)
+        and isinstance(login.get("user"), str)
+        and isinstance(login.get("password"), str)
+    ):
+        return Request(user=login["user"], password=login["password"])
+    msg = (
+        'The request is neither {"sql": ..., "params": [...]} nor '
+        '{"login": {"user": ..., "password": ...}}; see '
+        "docs/sql-protocol.md."
+    )
+    raise WireFormatError(msg)
+
+
+def statement_request(statement: str, parameters: Sequence[Value] = ()) -> bytes:
+    """
+    Args:
+        statement: One SQL statement, which may span lines.
+        parameters: The values of its ``?`` placeholders, in order.
+
+    Returns:
+        The request line carrying them.
+    """
+    request = {"sql": statement, "params": [encode_value(p) for p in parameters]}
+    return encode_line(request)
+
+
+def login_request(user: str, password: str) -> bytes:
+    """
+    Returns:
+        The request line logging in as ``user``.
+    """
+    return encode_line({"login": {"user": user, "password": password}})
+
+
+def hello(
+    client: str | None,
+    user: str | None = None,
+    access: str | None = None,
+) -> dict[str, Any]:
+    """
+    Args:
+        client: The common name of the client's certificate, or None for a
+            client without one.
+        user: The user the session runs as, or None until a login.
+        access: The user's access level, or None until a login.
+
+    Returns:
+        The greeting message the server sends once the TLS handshake is done.
     """
     return {
         "hello": {
             "server": "tls4d SQL server",
             "protocol": PROTOCOL_VERSION,
             "client": client,
+            "user": user,
+            "access": access,
+            "login_required": user is None,
+            "features": list(FEATURES),
         }
     }
 
 
-def columns(names: Sequence[str]) -> dict[str, Any]:
+def logged_in(user: str, access: str) -> dict[str, Any]:
     """
     Returns:
-        The header message naming the columns of a result.
+        The status answering a successful login.
     """
-    return {"columns": list(names)}
+    return {"ok": True, "user": user, "access": access, "in_transaction": False}
+
+
+def value_type(value: Value) -> str:
+    """
+    Returns:
+        The column type of one value: ``integer``, ``real``, ``text``,
+        ``blob`` or ``null``.
+    """
+    if value is None:
+        return TYPE_NULL
+    if isinstance(value, bytes):
+        return TYPE_BLOB
+    if isinstance(value, str):
+        return TYPE_TEXT
+    if isinstance(value, float):
+        return TYPE_REAL
+    return TYPE_INTEGER
+
+
+def column_types(rows: Sequence[Sequence[Value]], width: int) -> list[str]:
+    """
+    Args:
+        rows: The first rows of a result.
+        width: How many columns it has.
+
+    Returns:
+        Each column's type as these rows show it: the type of its values
+        other than NULL, ``null`` if there are none, ``any`` if they differ.
+    """
+    types = []
+    for i in range(width):
+        seen = {value_type(row[i]) for row in rows} - {TYPE_NULL}
+        types.append(
+            seen.pop() if len(seen) == 1 else (TYPE_ANY if seen else TYPE_NULL)
+        )
+    return types
+
+
+def columns(names: Sequence[str], types: Sequence[str] | None = None) -> dict[str, Any]:
+    """
+    Args:
+        names: The result's column names.
+        types: Their types, if known.
+
+    Returns:
+        The header message naming the columns of a result and their types.
+    """
+    header: dict[str, Any] = {"columns": list(names)}
+    if types is not None:
+        header["types"] = list(types)
+    return header
 
 
 def success(rows: int, changes: int | None, in_transaction: bool) -> dict[str, Any]:
@@ -178,6 +350,7 @@ def failure(
     in_transaction: bool | None = None,
     sqlite_code: int | None = None,
     sqlite_name: str | None = None,
+    sqlstate: str | None = None,
 ) -> dict[str, Any]:
     """
     Args:
@@ -187,6 +360,7 @@ def failure(
             afterwards, when known.
         sqlite_code: SQLite's extended result code, when known.
         sqlite_name: SQLite's name of that code, e.g. ``SQLITE_ERROR``.
+        sqlstate: PostgreSQL's SQLSTATE, e.g. ``23505``, when known.
 
     Returns:
         The status message ending a failed answer.
@@ -196,6 +370,8 @@ def failure(
         error["sqlite_code"] = sqlite_code
     if sqlite_name is not None:
         error["sqlite_name"] = sqlite_name
+    if sqlstate is not None:
+        error["sqlstate"] = sqlstate
     status: dict[str, Any] = {"ok": False, "error": error}
     if in_transaction is not None:
         status["in_transaction"] = in_transaction
