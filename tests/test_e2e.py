@@ -528,6 +528,61 @@ class StartTests(unittest.TestCase):
         server.stop()
         self.assertFalse(run_entry.exists())
 
+    def test_sql_password_login(self) -> None:
+        """
+        With --sql-client-certificate optional, a user logs in with a password
+        and no certificate; a wrong password is refused and logged.
+        """
+        server = self.start("--sql", "--sql-client-certificate", "optional")
+        port = str(server.port("SQL server"))
+        added = _run(
+            sys.executable,
+            "-m",
+            "twisted_tls4d.cli",
+            "users",
+            "add",
+            "bob",
+            "--access",
+            "read-only",
+            "--root",
+            str(self.root),
+            input="s3cret pw\n",
+        )
+        self.assertEqual(added.returncode, 0, added.stdout + added.stderr)
+        ca = str(self.root / "Resources" / "ca.pem")
+
+        def sql(password: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "twisted_tls4d.cli",
+                    "sql",
+                    "--ca",
+                    ca,
+                    "--user",
+                    "bob",
+                    "--port",
+                    port,
+                    "-e",
+                    "SELECT 6 * 7 AS answer",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE,
+                stdin=subprocess.DEVNULL,
+                env={**_environment(), "TLS4D_SQL_PASSWORD": password},
+            )
+
+        good = sql("s3cret pw")
+        self.assertEqual(good.returncode, 0, good.stdout + good.stderr)
+        self.assertRegex(good.stdout, r"answer[\s\S]*42")
+        bad = sql("Zq9-not-the-password")
+        self.assertEqual(bad.returncode, 1)
+        self.assertEqual(len(bad.stderr.strip().splitlines()), 1, bad.stderr)
+        self.assertNotIn("Zq9-not-the-password", server.log)
+        self.assertNotIn("s3cret", server.log)
+
     def test_min_tls_13(self) -> None:
         """With --min-tls 1.3, a TLS 1.2 client is refused and a TLS 1.3 one served."""
         if shutil.which("openssl") is None:

@@ -182,6 +182,8 @@ class TLSListener:
         mutual: Whether it requires client certificates from ``ca.pem``.
         alpn: The protocols it offers by ALPN, preferred first; none if
             empty.
+        client_certificate_required: With ``mutual``, whether clients must
+            present a certificate, or may log in otherwise.
     """
 
     name: str
@@ -190,6 +192,7 @@ class TLSListener:
     key_path: Path
     mutual: bool
     alpn: tuple[bytes, ...] = ()
+    client_certificate_required: bool = True
 
 
 class Tls4dService(MultiService):
@@ -293,6 +296,7 @@ class Tls4dService(MultiService):
                 log_alerts_as=None if listener.mutual else listener.label,
                 crl=crl if listener.mutual else None,
                 alpn=listener.alpn,
+                require_client_certificate=listener.client_certificate_required,
             )
             built[listener.name] = (context, identity)
         return built
@@ -565,7 +569,15 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             certificate_access=settings.sql_certificate_access,
         )
         add_tls(
-            TLSListener("sql", "SQL server", layout.cert, layout.key, True),
+            TLSListener(
+                "sql",
+                "SQL server",
+                layout.cert,
+                layout.key,
+                True,
+                client_certificate_required=settings.sql_client_certificate
+                == "required",
+            ),
             settings.sql_port,
             sql_factory,
         )

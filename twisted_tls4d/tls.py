@@ -479,6 +479,7 @@ def build_context(
     log_alerts_as: str | None = None,
     crl: x509.CertificateRevocationList | None = None,
     alpn: Sequence[bytes] = (),
+    require_client_certificate: bool = True,
 ) -> SSL.Context:
     """
     Build a fully configured server context.
@@ -496,6 +497,10 @@ def build_context(
             own certificate is checked, against the list of the CA that issued
             it; clients of a CA without a list (another CA of ``client_cas``)
             are not checked, and a list past its next update still counts.
+        require_client_certificate: With ``client_cas``, whether a client
+            must present a certificate (True) or may come without one, to log
+            in otherwise (False); a certificate presented is verified either
+            way.
         alpn: The application protocols offered by ALPN, in the server's order
             of preference (``b"h2"``, ``b"http/1.1"``); the first one the
             client also offers is chosen. A client offering none of them goes
@@ -561,7 +566,10 @@ def build_context(
             # the chain, and the local CA's list covers what it issued.
             store.set_flags(X509StoreFlags.CRL_CHECK)
             verify = _verify_with_crl
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        mode = SSL.VERIFY_PEER
+        if require_client_certificate:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        context.set_verify(mode, verify)
         # Needed for client certificates to survive session resumption.
         context.set_session_id(b"tls4d")
 
