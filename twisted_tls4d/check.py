@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from twisted_tls4d import dhparams, pki, revocation, root, settings, tls
 from twisted_tls4d.errors import ConfigurationError, KeyMismatchError, PEMError
+from twisted_tls4d.settings import add_root_option
 
 #: The version of the JSON layout; it changes only when a field changes
 #: meaning or goes away (new fields may appear without a change).
@@ -985,12 +986,7 @@ def add_parser(commands: Any) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=settings.DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.add_argument(
         "--json",
         action="store_true",

@@ -30,7 +30,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 
 from twisted_tls4d import pki, root
 from twisted_tls4d.errors import ConfigurationError, PEMError, Tls4dError
-from twisted_tls4d.settings import DEFAULT_ROOT
+from twisted_tls4d.settings import add_root_option
 
 #: RFC 7919's ffdhe3072 group, as ``openssl genpkey -genparam -algorithm DH
 #: -pkeyopt group:ffdhe3072`` writes it.
@@ -422,12 +422,7 @@ def add_parser(commands: Any) -> None:
         help="generate custom parameters of this size (slow; deprecated by "
         "cryptography)",
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.add_argument(
         "--timeout",
         type=_timeout,

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted_tls4d import clienttls, pki, revocation, root
 from twisted_tls4d.errors import ConfigurationError
-from twisted_tls4d.settings import DEFAULT_ROOT
+from twisted_tls4d.settings import add_root_option
 
 
 def issue_client_identity(
@@ -78,12 +78,7 @@ def add_parser(commands: Any) -> None:
         ),
     )
     parser.add_argument("name", metavar="NAME", help="the client's name (common name)")
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.add_argument(
         "--out",
         type=Path,

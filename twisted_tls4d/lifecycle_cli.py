@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted_tls4d import lifecycle, pki, root
 from twisted_tls4d.errors import ConfigurationError
-from twisted_tls4d.settings import DEFAULT_ROOT
+from twisted_tls4d.settings import add_root_option
 
 _PASSPHRASE_FILE_HELP = (
     "read the passphrase from the first line of FILE (for scripts; keep FILE mode 0600)"
@@ -186,12 +186,7 @@ def _add_install(commands: Any) -> None:
             "app means ROOT/Resources/key.pem and ROOT/Resources/cert.pem"
         ),
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.add_argument(
         "--passphrase-file", type=Path, metavar="FILE", help=_PASSPHRASE_FILE_HELP
     )

@@ -116,12 +116,13 @@ def generate_private_key(curve: str = "P-256") -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(curves[curve])
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+def _write_temporary(path: Path, data: bytes, mode: int) -> str:
     """
-    Write ``data`` to ``path`` through a temporary file in the same folder, so
-    that a reader sees either the old file or the whole new one, never a part.
-    The temporary file has ``mode`` from its creation, so a private key is
-    never readable by others, even for an instant.
+    Write ``data`` to a new temporary file beside ``path`` (its folder created
+    if missing), with ``mode`` from its creation, flushed to disk.
+
+    Returns:
+        The temporary file's path, for the caller to move into place.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -131,6 +132,21 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """
+    Write ``data`` to ``path`` through a temporary file in the same folder, so
+    that a reader sees either the old file or the whole new one, never a part.
+    The temporary file has ``mode`` from its creation, so a private key is
+    never readable by others, even for an instant.
+    """
+    temporary = _write_temporary(path, data, mode)
+    try:
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -525,14 +541,8 @@ def create_new_file(path: Path, data: bytes, mode: int) -> None:
         FileExistsError: ``path`` exists; it is left as it was.
         OSError: The file cannot be written.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    temporary = _write_temporary(path, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(temporary, path)
     finally:
         os.unlink(temporary)

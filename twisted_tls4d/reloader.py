@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted_tls4d import root
 from twisted_tls4d.errors import ConfigurationError
-from twisted_tls4d.settings import DEFAULT_ROOT
+from twisted_tls4d.settings import add_root_option
 
 
 def _run_folder(layout: root.RootLayout) -> Path:
@@ -105,12 +105,7 @@ def add_parser(commands: Any) -> None:
             "If a file is broken, a server keeps what it has and logs why."
         ),
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.set_defaults(run=_run)
 
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from twisted_tls4d import pki, root, tls
 from twisted_tls4d._peer import common_name
 from twisted_tls4d.errors import ConfigurationError, PEMError
-from twisted_tls4d.settings import DEFAULT_ROOT
+from twisted_tls4d.settings import add_root_option
 
 #: Days from one signing of the revocation list to its announced next update.
 CRL_DAYS = 30
@@ -515,12 +515,7 @@ def add_parser(commands: Any) -> None:
         nargs="?",
         help="the client's name, or the certificate's serial number",
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help="the server root (default: %(default)s)",
-    )
+    add_root_option(parser)
     parser.add_argument(
         "--all",
         action="store_true",

@@ -6,6 +6,7 @@ file.
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +20,19 @@ from twisted_tls4d.errors import ConfigurationError
 
 #: Where a root lives when ``--root`` is not given.
 DEFAULT_ROOT = Path("tls4d-root")
+
+
+def add_root_option(parser: argparse.ArgumentParser) -> None:
+    """
+    Add ``--root DIR`` (default `DEFAULT_ROOT`) to a ``tls4d`` subcommand.
+    """
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help="the server root (default: %(default)s)",
+    )
+
 
 #: The servers tls4d runs; with none chosen, all of them.
 SERVERS = ("web", "app", "sql")
