@@ -5,9 +5,10 @@ settings file, and the command line winning over it.
 
 from __future__ import annotations
 
+import io
+import sys
 from pathlib import Path
 
-from twisted.python import usage
 from twisted.trial import unittest
 
 from tests import support
@@ -158,25 +159,31 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((s.https_port, s.http_port, s.hsts), (0, 8080, True))
         self.assertEqual((s.root, s.interface), (root, "::1"))
 
+    def refused(self, arguments: list[str]) -> str:
+        """Parse options expected to stop the start; return what it printed."""
+        error = io.StringIO()
+        self.patch(sys, "stderr", error)
+        e = self.assertRaises(SystemExit, tap.Options().parseOptions, arguments)
+        self.assertEqual(e.code, 1)
+        self.assertEqual(len(error.getvalue().splitlines()), 1)
+        return error.getvalue()
+
     def test_old_tls_refused(self) -> None:
-        """--min-tls 1.1 is a usage error that names RFC 8996."""
-        options = tap.Options()
-        e = self.assertRaises(
-            usage.UsageError,
-            options.parseOptions,
-            ["--min-tls", "1.1", "--root", str(_root_with(None))],
-        )
-        self.assertIn("RFC 8996", str(e))
+        """--min-tls 1.1 stops the start with one line that names RFC 8996."""
+        line = self.refused(["--min-tls", "1.1", "--root", str(_root_with(None))])
+        self.assertIn("RFC 8996", line)
 
     def test_ciphers_selecting_nothing(self) -> None:
-        """--ciphers that selects nothing is a usage error naming the string."""
-        options = tap.Options()
-        e = self.assertRaises(
-            usage.UsageError,
-            options.parseOptions,
-            ["--ciphers", "NOTACIPHER", "--root", str(_root_with(None))],
+        """--ciphers that selects nothing stops the start, naming the string."""
+        line = self.refused(
+            ["--ciphers", "NOTACIPHER", "--root", str(_root_with(None))]
         )
-        self.assertIn("'NOTACIPHER' selects no TLS 1.2 cipher suite", str(e))
+        self.assertIn("'NOTACIPHER' selects no TLS 1.2 cipher suite", line)
+
+    def test_settings_file_error(self) -> None:
+        """A bad settings file stops the start with one line naming the file."""
+        line = self.refused(["--root", str(_root_with('hsts = "yes"\n'))])
+        self.assertIn("tls4d.toml: hsts must be true or false", line)
 
     def test_help_mentions_defaults(self) -> None:
         """--help shows each port's default and how servers are chosen."""

@@ -16,6 +16,7 @@ import json
 import ssl
 import stat
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -334,14 +335,18 @@ def system_trust_store() -> tuple[list[x509.Certificate], str | None]:
         return [], None
     end = b"-----END CERTIFICATE-----"
     found = []
-    for block in data.split(end)[:-1]:
-        start = block.find(b"-----BEGIN CERTIFICATE-----")
-        if start < 0:
-            continue
-        try:
-            found.append(x509.load_pem_x509_certificate(block[start:] + end))
-        except ValueError:
-            continue
+    with warnings.catch_warnings():
+        # Some trusted roots carry serial numbers RFC 5280 forbids; they are
+        # still what this machine trusts, so cryptography's warning is noise.
+        warnings.simplefilter("ignore")
+        for block in data.split(end)[:-1]:
+            start = block.find(b"-----BEGIN CERTIFICATE-----")
+            if start < 0:
+                continue
+            try:
+                found.append(x509.load_pem_x509_certificate(block[start:] + end))
+            except ValueError:
+                continue
     return found, cafile
 
 
@@ -455,12 +460,14 @@ class _Checker:
                     break
         if anchor is None:
             store = self._trust_file or "none found"
-            self.error(
+            self.warning(
                 path,
-                f"The chain in {path} is incomplete: its last certificate was "
-                f"issued by {last.issuer.rfc4514_string()!r}, which is neither in "
-                f"{path}, {self.layout.ca} nor the system's trust store ({store}); "
-                "append the missing intermediate CA certificate to the file.",
+                f"The chain in {path} ends with a certificate issued by "
+                f"{last.issuer.rfc4514_string()!r}, which is neither in {path}, "
+                f"{self.layout.ca} nor the system's trust store ({store}). If that "
+                "is an intermediate CA, append its certificate to the file; if it "
+                "is a private root CA, only clients given its certificate will "
+                "connect.",
             )
         elif anchor == "self-issued" and len(chain) == 1:
             self.warning(

@@ -230,6 +230,26 @@ class Options(usage.Options):
             "log in with a password (see 'tls4d users') "
             f"[default: {_DEFAULTS.sql_client_certificate}].",
         ],
+        [
+            "sql-database",
+            None,
+            None,
+            "A postgresql:// URL: serve that PostgreSQL database (psycopg 3, "
+            "the 'postgresql' extra) instead of the root's SQLite; full SQL "
+            "users connect as its role (see docs/sql-protocol.md).",
+        ],
+        [
+            "sql-database-read-write",
+            None,
+            None,
+            "The postgresql:// URL of the role read-write SQL users connect as.",
+        ],
+        [
+            "sql-database-read-only",
+            None,
+            None,
+            "The postgresql:// URL of the role read-only SQL users connect as.",
+        ],
     ]
 
     def opt_add_header(self, header: str) -> None:
@@ -245,7 +265,8 @@ class Options(usage.Options):
         Combine the options with the settings file and check them.
 
         Raises:
-            UsageError: A value is invalid; the message says which and why.
+            SystemExit: A value is invalid; one line on standard error says
+                which and why.
         """
         given: dict[str, Any] = {}
         for key, value in self.items():
@@ -261,7 +282,10 @@ class Options(usage.Options):
             if self.settings.ciphers is not None:
                 tls.tls12_suites(self.settings.ciphers)
         except Tls4dError as e:
-            raise usage.UsageError(str(e)) from e
+            # A bad value, on the command line or in the settings file: one
+            # line, not twistd's whole usage text.
+            print(f"tls4d cannot start: {e}", file=sys.stderr)
+            raise SystemExit(1) from e
 
 
 def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)

@@ -440,6 +440,10 @@ def _alert_logger(label: str) -> Any:
     def log_alert(connection: SSL.Connection, where: int, ret: int) -> None:
         if not where & SSL.SSL_CB_ALERT or ret >> 8 != 2:
             return
+        if connection.get_peer_finished() is not None:
+            # The handshake completed: whatever ends the connection now is
+            # the application protocol's business, not a failed handshake.
+            return
         transport = connection.get_app_data()
         peer = transport.getPeer() if transport is not None else None
         host = getattr(peer, "host", "?")
