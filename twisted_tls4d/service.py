@@ -558,6 +558,28 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         from twisted_tls4d.sql.protocol import SQLServerFactory
         from twisted_tls4d.sql.users import users_file
 
+        sql_backend = None
+        if settings.sql_database is not None:
+            from twisted_tls4d.errors import ConfigurationError
+            from twisted_tls4d.sql.postgres import PostgresBackend
+
+            try:
+                import psycopg  # noqa: F401
+            except ImportError as e:
+                msg = (
+                    "sql-database needs psycopg 3, which is not installed; "
+                    "install it with pip install 'twisted-tls4d[postgresql]'."
+                )
+                raise ConfigurationError(msg) from e
+            sql_backend = PostgresBackend(
+                settings.sql_database,
+                read_write=settings.sql_database_read_write,
+                read_only=settings.sql_database_read_only,
+            )
+            _log.info(
+                "SQL server: serving PostgreSQL ({backend})",
+                backend=sql_backend.describe(),
+            )
         sql_factory = SQLServerFactory(
             database=layout.database,
             clock=reactor,
@@ -567,6 +589,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             users_file=users_file(layout.path),
             passwords=settings.sql_client_certificate == "optional",
             certificate_access=settings.sql_certificate_access,
+            backend=sql_backend,
         )
         add_tls(
             TLSListener(

@@ -38,6 +38,18 @@ def add_root_option(parser: argparse.ArgumentParser) -> None:
 SERVERS = ("web", "app", "sql")
 
 
+def _redacted(url: str | None) -> str:
+    """
+    Returns:
+        The repr of a PostgreSQL URL without its password.
+    """
+    if url is None:
+        return "None"
+    from twisted_tls4d.sql.postgres import redact_url
+
+    return repr(redact_url(url))
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """
@@ -81,6 +93,13 @@ class Settings:
         sql_client_certificate: ``required``: every SQL client presents a
             certificate; ``optional``: clients without one may connect and
             log in with a password.
+        sql_database: A ``postgresql://`` URL: the SQL server serves that
+            database, its ``full`` sessions connecting as the URL's role,
+            instead of the root's SQLite database.
+        sql_database_read_write: The URL ``read-write`` sessions connect
+            with to that database; without it they are refused.
+        sql_database_read_only: The URL ``read-only`` sessions connect with;
+            without it they are refused.
     """
 
     root: Path = DEFAULT_ROOT
@@ -113,6 +132,9 @@ class Settings:
     request_timeout: float = 30.0
     sql_certificate_access: str = "full"
     sql_client_certificate: str = "required"
+    sql_database: str | None = attrs.field(default=None, repr=_redacted)
+    sql_database_read_write: str | None = attrs.field(default=None, repr=_redacted)
+    sql_database_read_only: str | None = attrs.field(default=None, repr=_redacted)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -146,6 +168,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "request_timeout": (int, float),
     "sql_certificate_access": (str,),
     "sql_client_certificate": (str,),
+    "sql_database": (str,),
+    "sql_database_read_write": (str,),
+    "sql_database_read_only": (str,),
 }
 
 
@@ -299,6 +324,7 @@ def check(settings: Settings) -> None:
             "an access level; use read-only, read-write or full."
         )
         raise ConfigurationError(msg)
+    _check_sql_database(settings)
     if settings.sql_client_certificate not in ("required", "optional"):
         msg = (
             f"sql-client-certificate {settings.sql_client_certificate!r} is "
@@ -397,3 +423,33 @@ def _listened_ports(settings: Settings) -> list[int]:
     if settings.sql:
         ports.append(settings.sql_port)
     return ports
+
+
+def _check_sql_database(settings: Settings) -> None:
+    """
+    Raises:
+        ConfigurationError: A ``sql-database`` option is not a PostgreSQL
+            URL, or a level's URL is given without ``sql-database``.
+    """
+    from twisted_tls4d.sql.postgres import check_url
+
+    urls = {
+        "sql-database": settings.sql_database,
+        "sql-database-read-write": settings.sql_database_read_write,
+        "sql-database-read-only": settings.sql_database_read_only,
+    }
+    for option, url in urls.items():
+        if url is None:
+            continue
+        try:
+            check_url(url, option)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
+    if settings.sql_database is None and (
+        settings.sql_database_read_write or settings.sql_database_read_only
+    ):
+        msg = (
+            "sql-database-read-write and sql-database-read-only need "
+            "sql-database, the PostgreSQL URL of full sessions; give it too."
+        )
+        raise ConfigurationError(msg)

@@ -27,7 +27,7 @@ both may be called more than once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.internet import defer, task
@@ -55,6 +55,9 @@ from twisted_tls4d.errors import ConfigurationError
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.session import Answer, Session, error_answer
 from twisted_tls4d.sql.users import UserStore
+
+if TYPE_CHECKING:
+    from twisted_tls4d.sql.postgres import PostgresBackend
 
 #: The longest statement line accepted, in bytes, unless told otherwise.
 DEFAULT_MAX_LINE_LENGTH = 1024 * 1024
@@ -488,7 +491,7 @@ class SQLServerFactory(Factory):
         users_file: Path | None = None,
         passwords: bool = False,
         certificate_access: str = wire.FULL,
-        backend: str | None = None,
+        backend: PostgresBackend | str | None = None,
     ) -> None:
         """
         Args:
@@ -514,8 +517,10 @@ class SQLServerFactory(Factory):
                 for a client certificate without requiring one.
             certificate_access: The access level of a client authenticated
                 by certificate whose name is not a user of ``users_file``.
-            backend: A ``postgresql://`` URL to serve that database instead of
-                ``database``; None for SQLite.
+            backend: The PostgreSQL database to serve instead of
+                ``database``, with each access level's role (a
+                ``postgresql://`` URL alone serves ``full`` sessions only);
+                None for SQLite.
         """
         self.database = database
         self.clock = clock
