@@ -781,3 +781,53 @@ class SettingsTests(unittest.TestCase):
                 ConfigurationError, settings.resolve, given, folder
             )
             self.assertNotIn(":pw@", str(error))
+
+
+class TwistdPostgresTests(_ClusterCase):
+    """
+    The real ``twistd -n tls4d --sql --sql-database ...`` serves a PostgreSQL
+    database to the ``tls4d sql`` command.
+    """
+
+    def test_end_to_end(self) -> None:
+        """Rows written through the real server land in PostgreSQL; no password is logged."""
+        from tests.test_e2e import Server, _tls4d
+
+        folder = support.temporary_folder("tls4d-pg-e2e-")
+        server = Server(
+            folder / "root",
+            "--sql",
+            "--sql-database",
+            self.cluster.url("tls4d_full"),
+        )
+        self.addCleanup(server.stop)
+        port = str(server.port("SQL server"))
+        made = _tls4d(
+            "client",
+            "alice",
+            "--root",
+            str(folder / "root"),
+            "--out",
+            str(folder / "a"),
+        )
+        self.assertEqual(made.returncode, 0, made.stderr)
+
+        def sql(*statements: str) -> Any:
+            arguments = [a for s in statements for a in ("-e", s)]
+            return _tls4d(
+                "sql", "--identity", str(folder / "a"), "--port", port, *arguments
+            )
+
+        done = sql(
+            "CREATE TABLE t (n integer, s text)",
+            "INSERT INTO t VALUES (1, 'one'), (2, 'two')",
+            "SELECT version()",
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("PostgreSQL", done.stdout)
+        import psycopg
+
+        with psycopg.connect(self.cluster.url("tls4d_full")) as connection:
+            rows = connection.execute("SELECT n, s FROM t ORDER BY n").fetchall()
+        self.assertEqual(rows, [(1, "one"), (2, "two")])
+        self.assertNotIn(_PASSWORD, server.log)
