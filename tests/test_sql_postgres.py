@@ -790,7 +790,7 @@ class TwistdPostgresTests(_ClusterCase):
     """
 
     def test_end_to_end(self) -> None:
-        """Rows written through the real server land in PostgreSQL; no password is logged."""
+        """Rows sent through the real server land in PostgreSQL; no password logged."""
         from tests.test_e2e import Server, _tls4d
 
         folder = support.temporary_folder("tls4d-pg-e2e-")
