@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 
 from twisted_tls4d.sql import wire
-from twisted_tls4d.sql.session import BATCH_BYTES, BATCH_ROWS, Answer
+from twisted_tls4d.sql.session import BATCH_BYTES, BATCH_ROWS, Answer, whole_answer
 
 #: Seconds allowed to connect to PostgreSQL.
 CONNECT_TIMEOUT = 10
@@ -492,18 +492,7 @@ class PostgresSession:
         Returns:
             The answer, as `twisted_tls4d.sql.session.Session.execute` gives.
         """
-        answer = self.start(statement, parameters)
-        parts = [answer]
-        while not parts[-1].done:
-            parts.append(self.fetch())
-        last = parts[-1]
-        return Answer(
-            b"".join(part.data for part in parts),
-            ok=last.ok,
-            rows=sum(part.rows for part in parts),
-            error=last.error,
-            notice=answer.notice,
-        )
+        return whole_answer(self.start(statement, parameters), self.fetch)
 
     def start(self, statement: str, parameters: Sequence[wire.Value] = ()) -> Answer:
         """

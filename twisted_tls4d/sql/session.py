@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -92,6 +92,31 @@ def _decode_text(raw: bytes) -> str:
     rather than an error whose message would quote the data.
     """
     return raw.decode("utf-8", "replace")
+
+
+def whole_answer(first: Answer, fetch: Callable[[], Answer]) -> Answer:
+    """
+    Gather a statement's answer from its first batch and the batches
+    ``fetch`` gives until one is ``done``.
+
+    Args:
+        first: What the session's ``start`` returned.
+        fetch: The session's ``fetch``.
+
+    Returns:
+        One answer holding every batch.
+    """
+    parts = [first]
+    while not parts[-1].done:
+        parts.append(fetch())
+    last = parts[-1]
+    return Answer(
+        b"".join(part.data for part in parts),
+        ok=last.ok,
+        rows=sum(part.rows for part in parts),
+        error=last.error,
+        notice=first.notice,
+    )
 
 
 class Session:
@@ -249,18 +274,7 @@ class Session:
             The answer: the columns and every row then a success status, or
             an error status carrying SQLite's message.
         """
-        answer = self.start(statement, parameters)
-        parts = [answer]
-        while not parts[-1].done:
-            parts.append(self.fetch())
-        last = parts[-1]
-        return Answer(
-            b"".join(part.data for part in parts),
-            ok=last.ok,
-            rows=sum(part.rows for part in parts),
-            error=last.error,
-            notice=answer.notice,
-        )
+        return whole_answer(self.start(statement, parameters), self.fetch)
 
     def start(self, statement: str, parameters: Sequence[wire.Value] = ()) -> Answer:
         """
