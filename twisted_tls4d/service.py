@@ -538,13 +538,48 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         web.log_options(web_options)
 
     if settings.app:
+        from twisted_tls4d.app.database import (
+            SQLDatabase,
+            postgres_backend,
+            sql_server_sessions,
+        )
+        from twisted_tls4d.app.ops import load_registry
         from twisted_tls4d.app.protocol import AppServerFactory
+        from twisted_tls4d.sql.users import users_file
 
+        app_database = SQLDatabase(
+            sql_server_sessions(
+                layout.database,
+                users_file(layout.path),
+                settings.sql_certificate_access,
+                postgres_backend(
+                    settings.sql_database,
+                    settings.sql_database_read_write,
+                    settings.sql_database_read_only,
+                ),
+            ),
+            reactor=reactor,
+        )
         app_factory = AppServerFactory(
             clock=reactor,
             max_frame_size=settings.max_frame_size,
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
+            max_outstanding=settings.app_max_outstanding,
+            registry=(
+                load_registry(settings.app_handlers) if settings.app_handlers else None
+            ),
+            database=app_database,
+            sql_op=not settings.app_no_sql,
+            allowed_names=settings.app_allow,
+            name=settings.app_name,
+        )
+        _log.info(
+            "Application server: protocol version 1, application ops {ops}, "
+            "sql op {sql}, clients admitted: {allowed}",
+            ops=", ".join(app_factory.app_ops()) or "none",
+            sql="refused (--app-no-sql)" if settings.app_no_sql else "offered",
+            allowed=", ".join(settings.app_allow) if settings.app_allow else "all",
         )
         add_tls(
             TLSListener(

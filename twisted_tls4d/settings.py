@@ -50,6 +50,18 @@ def _redacted(url: str | None) -> str:
     return repr(redact_url(url))
 
 
+def _names(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """
+    Returns:
+        The names of ``app-allow``, from a comma-separated string or a list,
+        stripped of spaces; None if not given.
+    """
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(part.strip() if isinstance(part, str) else part for part in parts)
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """
@@ -100,6 +112,15 @@ class Settings:
             with to that database; without it they are refused.
         sql_database_read_only: The URL ``read-only`` sessions connect with;
             without it they are refused.
+        app_max_outstanding: The most requests of one application client in
+            progress at once; past it the server reads no more from it.
+        app_handlers: ``module:attribute`` naming an application's handlers
+            (a `twisted_tls4d.app.Registry`), served beside the built-in ops.
+        app_allow: The certificate names (common names) the application
+            server admits; every name its CA certified if None.
+        app_name: The application server's name in its hello answer; the
+            machine's host name if None.
+        app_no_sql: Refuse the application server's ``sql`` op to clients.
     """
 
     root: Path = DEFAULT_ROOT
@@ -135,6 +156,11 @@ class Settings:
     sql_database: str | None = attrs.field(default=None, repr=_redacted)
     sql_database_read_write: str | None = attrs.field(default=None, repr=_redacted)
     sql_database_read_only: str | None = attrs.field(default=None, repr=_redacted)
+    app_max_outstanding: int = 32
+    app_handlers: str | None = None
+    app_allow: tuple[str, ...] | None = attrs.field(default=None, converter=_names)
+    app_name: str | None = None
+    app_no_sql: bool = False
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -171,6 +197,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "sql_database": (str,),
     "sql_database_read_write": (str,),
     "sql_database_read_only": (str,),
+    "app_max_outstanding": (int,),
+    "app_handlers": (str,),
+    "app_allow": (str, list),
+    "app_name": (str,),
+    "app_no_sql": (bool,),
 }
 
 
@@ -331,6 +362,7 @@ def check(settings: Settings) -> None:
             "neither required nor optional."
         )
         raise ConfigurationError(msg)
+    _check_app(settings)
     _check_web(settings)
 
 
@@ -409,6 +441,51 @@ def _check_web(settings: Settings) -> None:
             f"wsgi {settings.wsgi!r} is not a dotted name; give the module and "
             "the application's name in it, like myproject.wsgi.application."
         )
+        raise ConfigurationError(msg)
+
+
+#: What ``app-handlers`` looks like: a dotted module name, a colon, and a
+#: dotted attribute name.
+_HANDLERS_SPEC = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+)
+
+
+def _check_app(settings: Settings) -> None:
+    """
+    Check the application server's settings.
+
+    Raises:
+        ConfigurationError: ``app-max-outstanding`` is not positive,
+            ``app-handlers`` is not ``module:attribute``, ``app-allow`` names
+            nobody or holds an empty name, or ``app-name`` is empty.
+    """
+    if settings.app_max_outstanding < 1:
+        msg = (
+            "app-max-outstanding must be 1 or more; got "
+            f"{settings.app_max_outstanding}."
+        )
+        raise ConfigurationError(msg)
+    handlers = settings.app_handlers
+    if handlers is not None and not _HANDLERS_SPEC.match(handlers):
+        msg = (
+            f"app-handlers {handlers!r} is not MODULE:ATTRIBUTE; name the module "
+            "and the registry in it, like myapp.ops:registry."
+        )
+        raise ConfigurationError(msg)
+    allowed = settings.app_allow
+    if allowed is not None and (
+        not allowed or not all(isinstance(n, str) and n for n in allowed)
+    ):
+        msg = (
+            f"app-allow {','.join(map(str, allowed))!r} names no client or an "
+            "empty name; give the certificate names to admit, separated by "
+            "commas (alice,bob)."
+        )
+        raise ConfigurationError(msg)
+    if settings.app_name is not None and not settings.app_name.strip():
+        msg = "app-name is empty; give the name clients see, or leave it unset."
         raise ConfigurationError(msg)
 
 

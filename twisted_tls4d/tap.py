@@ -25,6 +25,7 @@ _FLAGS = (
     "hsts_include_subdomains",
     "hsts_preload",
     "directory_listing",
+    "app_no_sql",
 )
 
 
@@ -77,6 +78,12 @@ class Options(usage.Options):
             "directory-listing",
             None,
             "List WebFolder folders that have no index.html [default: 404].",
+        ],
+        [
+            "app-no-sql",
+            None,
+            "Refuse the application server's sql op to clients (handlers may "
+            "still use the database).",
         ],
     ]
 
@@ -249,6 +256,36 @@ class Options(usage.Options):
             None,
             None,
             "The postgresql:// URL of the role read-only SQL users connect as.",
+        ],
+        [
+            "app-max-outstanding",
+            None,
+            None,
+            "Most requests of one application client in progress at once; past "
+            "it the server reads no more from that client until some are "
+            f"answered [default: {_DEFAULTS.app_max_outstanding}].",
+            int,
+        ],
+        [
+            "app-handlers",
+            None,
+            None,
+            "MODULE:ATTRIBUTE of an application's handlers (a "
+            "twisted_tls4d.app.Registry) served beside the built-in ops.",
+        ],
+        [
+            "app-allow",
+            None,
+            None,
+            "Comma-separated certificate names the application server admits "
+            "[default: every client its CA certified].",
+        ],
+        [
+            "app-name",
+            None,
+            None,
+            "The application server's name in its hello answer [default: the "
+            "machine's host name].",
         ],
     ]
 

@@ -30,6 +30,25 @@ HEADER = struct.Struct("!I")
 #: The largest length the header can express.
 MAX_HEADER_LENGTH = 2**32 - 1
 
+#: The protocol version this module speaks, which ``hello`` negotiates.
+PROTOCOL_VERSION = 1
+
+#: Every version a server of this release accepts in ``hello``.
+SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
+
+#: What a server calls itself in its ``hello`` answer.
+SERVER_SOFTWARE = "tls4d"
+
+#: The most requests a server reads from one connection before answering
+#: some, when ``--app-max-outstanding`` is not given.
+DEFAULT_MAX_OUTSTANDING = 32
+
+#: The most topics one connection may subscribe to.
+MAX_SUBSCRIPTIONS = 100
+
+#: The longest topic name, in characters.
+MAX_TOPIC_LENGTH = 200
+
 # The error codes of an answer's ``error`` object. A code is a stable,
 # machine-readable string; the message beside it is a sentence for people
 # and may change between versions.
@@ -48,9 +67,16 @@ INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 
 #: The object lacks a usable ``id`` (a string or an integer) or ``op`` (a
-#: string). The answer carries the request's id when it was usable, else
-#: null; the connection stays open.
+#: string), reuses the id of a request still unanswered, or repeats
+#: ``hello``. The connection stays open.
 INVALID_REQUEST = "invalid_request"
+
+#: ``hello`` asked for a protocol version this server does not speak; the
+#: error's ``details`` list the versions it does. The connection stays open.
+UNSUPPORTED_VERSION = "unsupported_version"
+
+#: The op needs the ``hello`` exchange first. The connection stays open.
+HELLO_REQUIRED = "hello_required"
 
 #: The ``op`` names no operation of this server. The connection stays open.
 UNKNOWN_OP = "unknown_op"
@@ -58,6 +84,23 @@ UNKNOWN_OP = "unknown_op"
 #: The ``args`` are not an object, or do not suit the operation. The
 #: connection stays open.
 INVALID_ARGS = "invalid_args"
+
+#: The answer would be larger than the frame limit. The connection stays
+#: open.
+RESULT_TOO_LARGE = "result_too_large"
+
+#: An ``sql`` statement failed in the database (a syntax error, a broken
+#: constraint, a lock that did not come free). The connection stays open.
+SQL_ERROR = "sql_error"
+
+#: The operation exists but cannot run now or here (the database is shut
+#: down, or this server offers no ``sql``). The connection stays open.
+UNAVAILABLE = "unavailable"
+
+#: The client's certificate is valid but its name is not among those the
+#: server admits (``--app-allow``). Sent with a null id right after the TLS
+#: handshake; the server then closes the connection.
+NOT_ALLOWED = "not_allowed"
 
 #: The operation failed inside the server; the server logs the details. The
 #: connection stays open.
@@ -68,11 +111,25 @@ ERROR_CODES: Mapping[str, str] = {
     FRAME_TOO_LARGE: "the frame is over the size limit; the connection closes",
     INVALID_JSON: "the payload is not UTF-8 JSON",
     NOT_AN_OBJECT: "the payload is JSON but not an object",
-    INVALID_REQUEST: "the request lacks a usable id or op",
+    INVALID_REQUEST: "the request lacks a usable id or op, or repeats one",
+    UNSUPPORTED_VERSION: "hello asked for a protocol version the server lacks",
+    HELLO_REQUIRED: "the op needs the hello exchange first",
     UNKNOWN_OP: "the op is not one this server knows",
     INVALID_ARGS: "the args are not an object or do not suit the op",
+    RESULT_TOO_LARGE: "the answer would be over the frame size limit",
+    SQL_ERROR: "the database refused or failed the statement",
+    UNAVAILABLE: "the op cannot run on this server now",
+    NOT_ALLOWED: "the server does not admit this client; the connection closes",
     INTERNAL_ERROR: "the operation failed inside the server",
 }
+
+#: The ``event`` of a frame the server sends when a client it serves calls
+#: ``notify`` on a topic this connection subscribed to.
+NOTIFICATION_EVENT = "notification"
+
+#: The ``event`` of the frame a server sends before it closes a connection
+#: of its own accord (idle timeout, shutdown).
+CLOSING_EVENT = "closing"
 
 #: A request id: what the client chose to match the answer to its request.
 RequestId = int | str
@@ -84,25 +141,35 @@ class AppError(Tls4dError):
     handler raises to make one.
 
     Attributes:
-        code: One of the error codes of this module (`ERROR_CODES`); a client
-            may also meet codes of a newer server.
+        code: One of the error codes of this module (`ERROR_CODES`), or one
+            an application's handlers define; a client may also meet codes
+            of a newer server.
         message: A sentence saying what was wrong, for people.
+        details: Members a program can use, particular to the code (for
+            `UNSUPPORTED_VERSION`, the ``versions`` the server speaks), or
+            None.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, details: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.details = dict(details) if details else None
 
     def __str__(self) -> str:
         return f"{self.message} (error {self.code})"
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """
         Returns:
             The ``error`` object of an answer.
         """
-        return {"code": self.code, "message": self.message}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return error
 
 
 class FrameDecodeError(ValueError):
