@@ -538,13 +538,10 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         web.log_options(web_options)
 
     if settings.app:
-        from twisted_tls4d.app.database import (
-            SQLDatabase,
-            postgres_backend,
-            sql_server_sessions,
-        )
+        from twisted_tls4d.app.database import SQLDatabase, sql_server_sessions
         from twisted_tls4d.app.ops import load_registry
         from twisted_tls4d.app.protocol import AppServerFactory
+        from twisted_tls4d.sql.postgres import postgres_backend
         from twisted_tls4d.sql.users import users_file
 
         app_database = SQLDatabase(
@@ -590,27 +587,16 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         )
 
     if settings.sql:
+        from twisted_tls4d.sql.postgres import postgres_backend
         from twisted_tls4d.sql.protocol import SQLServerFactory
         from twisted_tls4d.sql.users import users_file
 
-        sql_backend = None
-        if settings.sql_database is not None:
-            from twisted_tls4d.errors import ConfigurationError
-            from twisted_tls4d.sql.postgres import PostgresBackend
-
-            try:
-                import psycopg  # noqa: F401
-            except ImportError as e:
-                msg = (
-                    "sql-database needs psycopg 3, which is not installed; "
-                    "install it with pip install 'twisted-tls4d[postgresql]'."
-                )
-                raise ConfigurationError(msg) from e
-            sql_backend = PostgresBackend(
-                settings.sql_database,
-                read_write=settings.sql_database_read_write,
-                read_only=settings.sql_database_read_only,
-            )
+        sql_backend = postgres_backend(
+            settings.sql_database,
+            settings.sql_database_read_write,
+            settings.sql_database_read_only,
+        )
+        if sql_backend is not None:
             _log.info(
                 "SQL server: serving PostgreSQL ({backend})",
                 backend=sql_backend.describe(),

@@ -135,38 +135,6 @@ def sql_server_sessions(
     return open_session
 
 
-def postgres_backend(
-    full: str | None, read_write: str | None = None, read_only: str | None = None
-) -> PostgresBackend | None:
-    """
-    The PostgreSQL database the SQL server serves, if it serves one.
-
-    Args:
-        full: ``--sql-database``, or None for SQLite.
-        read_write: ``--sql-database-read-write``.
-        read_only: ``--sql-database-read-only``.
-
-    Returns:
-        The backend, or None without ``full``.
-
-    Raises:
-        ConfigurationError: psycopg 3 is not installed.
-    """
-    if full is None:
-        return None
-    from twisted_tls4d.sql.postgres import PostgresBackend
-
-    try:
-        import psycopg  # noqa: F401
-    except ImportError as e:
-        msg = (
-            "sql-database needs psycopg 3, which is not installed; install it "
-            "with pip install 'twisted-tls4d[postgresql]'."
-        )
-        raise ConfigurationError(msg) from e
-    return PostgresBackend(full, read_write=read_write, read_only=read_only)
-
-
 def decode_parameters(parameters: object) -> list[Any]:
     """
     Read the ``params`` of an ``sql`` request.

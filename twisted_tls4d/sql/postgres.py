@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from twisted_tls4d.errors import ConfigurationError
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.session import BATCH_BYTES, BATCH_ROWS, Answer, whole_answer
 
@@ -827,3 +828,33 @@ def _failed(code: str, message: str, in_transaction: bool | None = None) -> Answ
     """
     status = wire.failure(code, message, in_transaction)
     return Answer(wire.encode_line(status), ok=False, error=message)
+
+
+def postgres_backend(
+    full: str | None, read_write: str | None = None, read_only: str | None = None
+) -> PostgresBackend | None:
+    """
+    The PostgreSQL database the SQL server serves, if it serves one.
+
+    Args:
+        full: ``--sql-database``, or None for SQLite.
+        read_write: ``--sql-database-read-write``.
+        read_only: ``--sql-database-read-only``.
+
+    Returns:
+        The backend, or None without ``full``.
+
+    Raises:
+        ConfigurationError: psycopg 3 is not installed.
+    """
+    if full is None:
+        return None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as e:
+        msg = (
+            "sql-database needs psycopg 3, which is not installed; install it "
+            "with pip install 'twisted-tls4d[postgresql]'."
+        )
+        raise ConfigurationError(msg) from e
+    return PostgresBackend(full, read_write=read_write, read_only=read_only)
