@@ -693,7 +693,7 @@ class SQLServerFactory(Factory):
             return LoginOutcome(
                 None,
                 "unknown user or wrong password",
-                "Unknown user or wrong password; the session goes on.",
+                "Unknown user or wrong password.",
                 counts=True,
             )
         try:
