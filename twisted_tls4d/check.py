@@ -793,12 +793,7 @@ def check_root(
     Raises:
         ConfigurationError: The root folder does not exist.
     """
-    if not layout.path.is_dir():
-        msg = (
-            f"The server root {layout.path} does not exist; point --root at a "
-            "root, or start the servers once to create it."
-        )
-        raise ConfigurationError(msg)
+    layout.require_existing()
     now = now or pki.utc_now()
     checker = _Checker(layout, now, trust_store)
     ca_report, cas = _check_ca(checker, layout)

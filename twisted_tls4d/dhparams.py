@@ -441,12 +441,7 @@ def _run(
 ) -> int:
     out = out or sys.stdout
     layout = root.RootLayout(args.root)
-    if not layout.path.is_dir():
-        msg = (
-            f"The server root {layout.path} does not exist; start the servers "
-            "once to create it, or point --root at it."
-        )
-        raise ConfigurationError(msg)
+    layout.require_existing()
     path = layout.dhparams
     if args.group is not None:
         pem = KNOWN_GROUPS[args.group]

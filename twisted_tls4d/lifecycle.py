@@ -764,12 +764,7 @@ def install_identity(
     if target not in TARGETS:
         msg = f"Unknown server {target!r}; choose web, sql or app."
         raise ConfigurationError(msg)
-    if not layout.path.is_dir():
-        msg = (
-            f"{layout.path} is not a server root (no such folder); give --root "
-            "the root's folder, or start the servers once to create it."
-        )
-        raise ConfigurationError(msg)
+    layout.require_existing()
     now = now or pki.utc_now()
     key_path, cert_path = (
         (layout.app_key, layout.app_cert)

@@ -119,6 +119,21 @@ class RootLayout:
         """The optional settings file."""
         return self.path / "Settings" / "tls4d.toml"
 
+    def require_existing(self) -> None:
+        """
+        Check that the root exists, for the commands that work on one.
+
+        Raises:
+            ConfigurationError: There is no folder at `path`.
+        """
+        if not self.path.is_dir():
+            msg = (
+                f"{self.path} is not a server root (no such folder); point "
+                "--root at the root's folder, or start the servers once to "
+                "create it."
+            )
+            raise ConfigurationError(msg)
+
     def server_pairs(self) -> list[tuple[str, Path, Path]]:
         """
         Returns:
