@@ -905,21 +905,14 @@ def _read_normalised(path: Path) -> tuple[bytes, str | None]:
 
 
 def _pem_certificates(path: Path, data: bytes) -> list[x509.Certificate]:
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        if b"-----BEGIN PKCS7-----" in data:
-            hint = (
-                f"it is a PKCS#7 bundle: convert it with 'openssl pkcs7 -in {path} "
-                "-print_certs -out cert.pem' and give the leaf first"
-            )
-        else:
-            hint = "give the certificate file the CA sent"
-        msg = f"{path} holds no PEM certificate; {hint}."
+    if b"-----BEGIN CERTIFICATE-----" not in data and b"-----BEGIN PKCS7-----" in data:
+        msg = (
+            f"{path} holds no PEM certificate; it is a PKCS#7 bundle: convert "
+            f"it with 'openssl pkcs7 -in {path} -print_certs -out cert.pem' and "
+            "give the leaf first."
+        )
         raise PEMError(msg)
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        msg = f"{path} holds a malformed certificate: {e}."
-        raise PEMError(msg) from e
+    return pki.load_certificates(path, pki.PEMText(data, None))
 
 
 def _der_certificate(path: Path, data: bytes) -> x509.Certificate:
