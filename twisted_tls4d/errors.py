@@ -25,6 +25,21 @@ class PEMError(Tls4dError):
     """
 
 
+class ClientConnectionError(Tls4dError):
+    """
+    A tls4d client could not reach its server, was refused during the TLS
+    handshake, or lost the connection.
+
+    Attributes:
+        detail: What Twisted or OpenSSL said of the failure, for debugging;
+            None when the message says it all.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 class KeyMismatchError(PEMError):
     """
     A certificate does not belong to the private key it is served with.

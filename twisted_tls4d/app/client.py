@@ -53,7 +53,7 @@ from twisted_tls4d.app.wire import (
     decode_payload,
     encode_payload,
 )
-from twisted_tls4d.errors import Tls4dError
+from twisted_tls4d.errors import ClientConnectionError, Tls4dError
 
 __all__ = [
     "DEFAULT_CLIENT_MAX_FRAME_SIZE",
@@ -115,19 +115,11 @@ _REFUSAL_ALERTS = {
 _NOT_TLS_REASONS = ("wrong version number", "packet length too long", "record layer")
 
 
-class AppConnectionError(Tls4dError):
+class AppConnectionError(ClientConnectionError):
     """
     The client could not connect to the application server, the TLS
     handshake failed, or the connection ended before an answer arrived.
-
-    Attributes:
-        detail: What Twisted or OpenSSL said of the failure, for debugging;
-            None when the message says it all.
     """
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail
 
 
 def _tls_error_text(value: SSL.Error) -> str:

@@ -34,7 +34,7 @@ from twisted_tls4d.app.client import (
     server_certificate_of,
 )
 from twisted_tls4d.clienttls import ClientIdentity, client_options
-from twisted_tls4d.errors import ConfigurationError, Tls4dError
+from twisted_tls4d.errors import ClientConnectionError, ConfigurationError, Tls4dError
 from twisted_tls4d.sql import wire
 from twisted_tls4d.sql.wire import Value
 
@@ -79,19 +79,11 @@ class SQLError(Tls4dError):
         self.in_transaction = in_transaction
 
 
-class SQLConnectionError(Tls4dError):
+class SQLConnectionError(ClientConnectionError):
     """
     The connection to the SQL server could not be made, was refused during
     the TLS handshake, broke the protocol, or was lost.
-
-    Attributes:
-        detail: What Twisted or OpenSSL said of the failure, for debugging;
-            None when the message says it all.
     """
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail
 
 
 @attrs.frozen
