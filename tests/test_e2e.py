@@ -210,8 +210,10 @@ class AllServersTests(unittest.TestCase):
             "Resources/cert.pem",
             "dhparams.pem",
         ):
-            self.assertIn("created", self.server.log)
-            self.assertIn(str(self.root / name), self.server.log)
+            self.assertRegex(
+                self.server.log,
+                rf"First start: created .+ at {re.escape(str(self.root / name))}\n",
+            )
         self.assertIn("install one issued by a public or company CA", self.server.log)
         self.assertNotIn("PRIVATE KEY", self.server.log)
 
@@ -315,8 +317,7 @@ class AllServersTests(unittest.TestCase):
     def test_app_refuses_no_certificate(self) -> None:
         """A client without a certificate is refused, and the log says why."""
         port = self.server.port("Application server")
-        result = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
-        self.assertNotIn("CONNECTED(00000003)\n---\nhello", result.stdout)
+        _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
         self.server.wait_for(
             r"application server: refused TLS handshake from 127\.0\.0\.1:\d+: "
             r"the client presented no certificate"
