@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from twisted_tls4d import pki, reloader, revocation, root, tls, web
+from twisted_tls4d import guard, pki, reloader, revocation, root, tls, web
 from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.settings import Settings
 
@@ -503,8 +503,8 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             https_port=settings.https_port,
             reactor=reactor,
         )
-        http_site = web.ConnectionLimit(
-            plain_site, settings.max_connections, "HTTP web server"
+        http_site = guard.ConnectionGuard(
+            plain_site, "HTTP web server", guard.limits_from(settings), reactor
         )
 
         def https_bound(port: IListeningPort) -> None:
@@ -523,9 +523,6 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             settings.https_port,
             https_site,
             on_listening=https_bound,
-            wrap=lambda factory: web.ConnectionLimit(
-                factory, settings.max_connections, "HTTPS web server"
-            ),
         )
         if redirect is not None:
             top.redirect = covered = redirect
@@ -630,9 +627,15 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     for listener in top.listeners:
         factory, port, kw = tls_factories[listener.name]
         creator = top.creators[listener.name]
-        outer: IProtocolFactory = TLSMemoryBIOFactory(creator, False, factory)
-        if "wrap" in kw:
-            outer = kw.pop("wrap")(outer)
+        # The guard goes outside TLS, so that a refused connection costs no
+        # TLS work. The application and SQL protocols time their handshakes
+        # themselves (and log why one failed); the guard times the web's.
+        outer = guard.ConnectionGuard(
+            TLSMemoryBIOFactory(creator, False, factory),
+            listener.label,
+            guard.limits_from(settings, tls_handshake=listener.name == "https"),
+            reactor,
+        )
         add(listener.name, listener.label, port, outer, **kw)
         if listener.name == "https" and http_site is not None and not settings.no_http:
             add("http", "HTTP web server", settings.http_port, http_site)

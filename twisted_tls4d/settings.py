@@ -86,7 +86,8 @@ class Settings:
         hsts_max_age: The HSTS max-age, in seconds.
         max_frame_size: The largest application-server frame, in bytes.
         max_line_length: The longest SQL-server line, in bytes.
-        handshake_timeout: Seconds a client has to complete its TLS handshake.
+        handshake_timeout: Seconds a client of any TLS listener has to
+            complete its TLS handshake.
         idle_timeout: Seconds an application or SQL connection may stay idle.
         server_name: The host name plain HTTP redirects to (with HSTS); the
             request's own host, if the certificate covers it, when None.
@@ -96,9 +97,14 @@ class Settings:
         wsgi: The dotted name of a WSGI application served beside WebFolder.
         add_header: ``Name: value`` headers added to every web answer.
         max_request_size: The largest web request body, in bytes.
-        max_connections: The most connections each web listener holds open.
+        max_connections: The most connections each listener holds open.
+        max_connections_per_peer: The most connections each listener holds
+            open from one peer address.
+        max_unsent: The most bytes queued for a peer that does not read,
+            past the transport's own buffer, before it is cut off.
         web_idle_timeout: Seconds a web connection may stay silent.
-        request_timeout: Seconds a web client has to send a whole request.
+        request_timeout: Seconds a client has to send a whole request once it
+            started it: a web request, an application frame, an SQL line.
         sql_certificate_access: The SQL access level (``read-only``,
             ``read-write``, ``full``) of a client certificate whose name is
             not an SQL user.
@@ -149,6 +155,8 @@ class Settings:
     add_header: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     max_request_size: int = 2_000_000
     max_connections: int = 100
+    max_connections_per_peer: int = 32
+    max_unsent: int = 4 * 1024 * 1024
     web_idle_timeout: float = 15.0
     request_timeout: float = 30.0
     sql_certificate_access: str = "full"
@@ -190,6 +198,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "add_header": (list,),
     "max_request_size": (int,),
     "max_connections": (int,),
+    "max_connections_per_peer": (int,),
+    "max_unsent": (int,),
     "web_idle_timeout": (int, float),
     "request_timeout": (int, float),
     "sql_certificate_access": (str,),
@@ -344,6 +354,10 @@ def check(settings: Settings) -> None:
         "max-line-length": settings.max_line_length,
         "handshake-timeout": settings.handshake_timeout,
         "idle-timeout": settings.idle_timeout,
+        "max-connections": settings.max_connections,
+        "max-connections-per-peer": settings.max_connections_per_peer,
+        "max-unsent": settings.max_unsent,
+        "request-timeout": settings.request_timeout,
     }
     for name, value in positives.items():
         if value <= 0:
@@ -388,9 +402,7 @@ def _check_web(settings: Settings) -> None:
     """
     for name, value in (
         ("max-request-size", settings.max_request_size),
-        ("max-connections", settings.max_connections),
         ("web-idle-timeout", settings.web_idle_timeout),
-        ("request-timeout", settings.request_timeout),
     ):
         if value <= 0:
             msg = f"{name} must be positive; got {value}."

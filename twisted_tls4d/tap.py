@@ -163,7 +163,7 @@ class Options(usage.Options):
             "handshake-timeout",
             None,
             None,
-            "Seconds an application or SQL client has to complete its TLS "
+            "Seconds a client of any TLS listener has to complete its TLS "
             f"handshake [default: {_DEFAULTS.handshake_timeout:g}].",
             float,
         ],
@@ -174,6 +174,32 @@ class Options(usage.Options):
             "Seconds an application or SQL connection may stay idle "
             f"[default: {_DEFAULTS.idle_timeout:g}].",
             float,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most connections each listener (HTTPS, HTTP, application, SQL) "
+            "holds open; more are closed as soon as they are accepted "
+            f"[default: {_DEFAULTS.max_connections}].",
+            int,
+        ],
+        [
+            "max-connections-per-peer",
+            None,
+            None,
+            "Most connections each listener holds open from one client address "
+            f"[default: {_DEFAULTS.max_connections_per_peer}].",
+            int,
+        ],
+        [
+            "max-unsent",
+            None,
+            None,
+            "Bytes that may wait for a client that does not read its answers, "
+            "past the system's buffers, before it is cut off "
+            f"[default: {_DEFAULTS.max_unsent}].",
+            int,
         ],
         [
             "server-name",
@@ -198,14 +224,6 @@ class Options(usage.Options):
             int,
         ],
         [
-            "max-connections",
-            None,
-            None,
-            "Most connections each web listener holds open; more are closed "
-            f"at once [default: {_DEFAULTS.max_connections}].",
-            int,
-        ],
-        [
             "web-idle-timeout",
             None,
             None,
@@ -217,8 +235,9 @@ class Options(usage.Options):
             "request-timeout",
             None,
             None,
-            "Seconds a web client has to send a whole request once it started "
-            f"it; slower ones get 408 [default: {_DEFAULTS.request_timeout:g}].",
+            "Seconds a client has to send a whole request once it started it "
+            "(a web request, which gets 408 if slower; an application frame; an "
+            f"SQL line) [default: {_DEFAULTS.request_timeout:g}].",
             float,
         ],
         [

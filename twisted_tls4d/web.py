@@ -3,8 +3,9 @@ The web server: the root's WebFolder (and, if configured, a WSGI application)
 over HTTPS, with HSTS, and plain HTTP beside it that either serves the same
 site or, with HSTS on, redirects every request to HTTPS.
 
-Requests are bounded in size and time, connections in number, and each
-listener writes an access log in the combined format, without query strings.
+Requests are bounded in size and time, and each listener writes an access
+log in the combined format, without query strings; the number of connections
+is bounded by the guard of every listener (`twisted_tls4d.guard`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import ThrottlingFactory
 from twisted.python import logfile, reflect
 from twisted.python.components import proxyForInterface
 from twisted.web import http, resource, server, static
@@ -620,52 +619,6 @@ class WebSite(server.Site):
             defaultMode=0o640,
             maxRotatedFiles=ACCESS_LOG_KEPT,
         )
-
-
-class ConnectionLimit(ThrottlingFactory):
-    """
-    Refuses connections over a number open at once: the listening socket
-    accepts and closes them at once, before any TLS handshake. A warning is
-    logged when the limit is reached, and a note once there is room again.
-
-    Attributes:
-        label: The listener, for the log.
-    """
-
-    def __init__(self, wrapped: IProtocolFactory, limit: int, label: str) -> None:
-        super().__init__(wrapped, maxConnectionCount=limit)
-        self.label = label
-        self._full = False
-
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
-        """
-        Returns:
-            The protocol of a new connection, or None to close it.
-        """
-        if self.connectionCount >= self.maxConnectionCount:
-            if not self._full:
-                self._full = True
-                _log.warn(
-                    "{label}: {limit} connections are open, the most "
-                    "--max-connections allows; new ones are closed at once",
-                    label=self.label,
-                    limit=self.maxConnectionCount,
-                )
-            return None
-        return super().buildProtocol(addr)
-
-    def unregisterProtocol(self, p: Any) -> None:  # noqa: N802 (Twisted's name)
-        """
-        Count a closed connection out.
-        """
-        super().unregisterProtocol(p)
-        if self._full and self.connectionCount < self.maxConnectionCount:
-            self._full = False
-            _log.info(
-                "{label}: below {limit} connections again; accepting new ones",
-                label=self.label,
-                limit=self.maxConnectionCount,
-            )
 
 
 def load_wsgi_application(name: str) -> Callable[..., Any]:
