@@ -930,6 +930,71 @@ class TimeoutTests(_InMemoryTestCase):
         connection.pump.flush()
         self.assertIsNotNone(connection.client.lost)
 
+    def test_trickled_frame_times_out(self) -> None:
+        """
+        A frame still incomplete request_timeout seconds after its first byte
+        gets a closing event and the connection closes, though bytes trickle.
+        """
+        events = _capture_logs(self)
+        clock = Clock()
+        factory = RecordingFactory(clock=clock, request_timeout=30.0)
+        connection = self.connect(factory=factory)
+        frame = wire.encode_frame(PING)
+        for index in range(6):
+            connection.write(frame[index : index + 1])
+            clock.advance(4.9)
+        connection.pump.flush()
+        assert isinstance(connection.client, FrameCollector)
+        self.assertIsNone(connection.client.lost)
+        clock.advance(1)
+        connection.pump.flush()
+        [closing] = connection.client.answers
+        self.assertEqual(closing["event"], "closing")
+        self.assertEqual(closing["reason"], "request_timeout")
+        self.assertIsNotNone(connection.client.lost)
+        self.assertIn(
+            "a request it began 30 s ago is still incomplete (6 bytes so far",
+            _log_text(events),
+        )
+
+    def test_frames_in_pieces_kept(self) -> None:
+        """
+        Each frame's deadline starts at its own first byte: frames sent in
+        pieces, each whole within the timeout, are all served.
+        """
+        clock = Clock()
+        factory = RecordingFactory(clock=clock, request_timeout=30.0)
+        connection = self.connect(factory=factory)
+        frame = wire.encode_frame(PING)
+        connection.write(frame[:3])
+        for _ in range(4):
+            clock.advance(20)
+            connection.write(frame[3:] + frame[:3])
+        assert isinstance(connection.client, FrameCollector)
+        self.assertEqual([a["result"] for a in connection.client.answers], ["pong"] * 4)
+        self.assertIsNone(connection.client.lost)
+
+    def test_no_request_timeout_while_paused(self) -> None:
+        """
+        Frames the server holds back while its client does not read are not
+        timed: what is missing is the server's reading, not the client's bytes.
+        """
+        clock = Clock()
+        protocol, transport = _authenticated(
+            RecordingFactory(clock=clock, request_timeout=30.0)
+        )
+        # As at the end of the handshake, which this skips.
+        protocol.setTimeout(protocol.idle_timeout)
+        protocol.pauseProducing()
+        frame = wire.encode_frame(PING)
+        protocol.dataReceived(frame + frame[:3])
+        clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        protocol.resumeProducing()
+        self.assertEqual([a["result"] for a in _answers(transport)], ["pong"])
+        clock.advance(30)
+        self.assertEqual(_answers(transport)[0]["reason"], "request_timeout")
+
 
 class _SwallowingServer(Protocol):
     """A server that reads requests and never answers."""

@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tests import support
-from twisted_tls4d import guard
+from twisted_tls4d import guard, service, settings, tap
+from twisted_tls4d.errors import ConfigurationError
 
 
 def _capture_logs(test: SynchronousTestCase) -> list[str]:
@@ -526,3 +527,102 @@ class LoopbackTests(TestCase):
             any("cut off 127.0.0.1:" in line for line in logged), "\n".join(logged)
         )
         self.assertEqual(guarded.open_connections, 0)
+
+
+class SettingsTests(SynchronousTestCase):
+    """
+    The guard's options come from the command line and the settings file,
+    and every listener of the service is guarded with them.
+    """
+
+    def test_every_listener_guarded(self) -> None:
+        """Each listener's factory is a guard outside TLS; HTTPS times handshakes."""
+        folder = support.temporary_folder("tls4d-guard-")
+        chosen = settings.resolve(
+            {
+                "interface": "127.0.0.1",
+                "https_port": 0,
+                "http_port": 0,
+                "app_port": 0,
+                "sql_port": 0,
+                "max_connections": 7,
+                "max_connections_per_peer": 3,
+                "max_unsent": 5000,
+                "handshake_timeout": 4.0,
+            },
+            folder / "root",
+        )
+        top = service.build_service(chosen, reactor)
+        expected = {
+            "https": ("HTTPS web server", True, 4.0),
+            "http": ("HTTP web server", False, None),
+            "app": ("Application server", True, None),
+            "sql": ("SQL server", True, None),
+        }
+        for name, (label, over_tls, handshake) in expected.items():
+            factory = top.listener(name).factory
+            assert isinstance(factory, guard.ConnectionGuard)
+            self.assertEqual(factory.label, label)
+            self.assertEqual(
+                factory.limits,
+                guard.GuardLimits(
+                    max_connections=7,
+                    max_connections_per_peer=3,
+                    max_unsent=5000,
+                    handshake_timeout=handshake,
+                ),
+            )
+            self.assertEqual(
+                isinstance(factory.wrappedFactory, TLSMemoryBIOFactory), over_tls
+            )
+
+    def test_defaults(self) -> None:
+        """The limits default to 100 connections, 32 per peer and 4 MiB unsent."""
+        defaults = settings.Settings()
+        self.assertEqual(
+            guard.limits_from(defaults),
+            guard.GuardLimits(
+                max_connections=100,
+                max_connections_per_peer=32,
+                max_unsent=4 * 1024 * 1024,
+            ),
+        )
+
+    def test_command_line_and_file(self) -> None:
+        """The options and the settings file's keys set the limits."""
+        root = support.temporary_folder("tls4d-guard-") / "root"
+        (root / "Settings").mkdir(parents=True)
+        (root / "Settings" / "tls4d.toml").write_text(
+            "max-connections-per-peer = 9\nmax_unsent = 2048\n"
+        )
+        from_file = settings.resolve({}, root)
+        self.assertEqual(
+            (from_file.max_connections_per_peer, from_file.max_unsent), (9, 2048)
+        )
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--root",
+                str(root),
+                "--max-connections-per-peer",
+                "5",
+                "--max-unsent",
+                "1",
+            ]
+        )
+        self.assertEqual(
+            (options.settings.max_connections_per_peer, options.settings.max_unsent),
+            (5, 1),
+        )
+        text = str(tap.Options())
+        for option in ("--max-connections-per-peer", "--max-unsent"):
+            self.assertIn(option, text)
+
+    def test_positive(self) -> None:
+        """A limit of zero or less is refused, naming the option."""
+        for name in ("max_connections", "max_connections_per_peer", "max_unsent"):
+            with self.assertRaises(ConfigurationError) as caught:
+                settings.check(settings.Settings(**{name: 0}))
+            self.assertIn(
+                f"{name.replace('_', '-')} must be positive", str(caught.exception)
+            )

@@ -34,7 +34,7 @@ from twisted.internet.error import (
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -515,6 +515,44 @@ class SQLServerTests(_InMemoryCase):
         self.assertIsNotNone(client.lost)
         self.assertEqual(self.factory.sessions, 0)
 
+    def test_trickled_line_times_out(self) -> None:
+        """
+        A line that began arriving request_timeout seconds ago and is still
+        incomplete closes the connection, though bytes keep coming.
+        """
+        _, client, pump = self.connect()
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.ask(client, pump, b"S")
+                self.clock.advance(self.factory.request_timeout / 5 - 0.5)
+                pump.flush()
+            self.assertIsNone(client.lost)
+            self.clock.advance(5)
+            pump.flush()
+        self.assertIsNotNone(client.lost)
+        self.assertEqual(self.factory.sessions, 0)
+        self.assertIn(
+            "is still incomplete (5 bytes so far; --request-timeout)",
+            "\n".join(formatEvent(event) for event in events),
+        )
+
+    def test_slow_whole_lines_kept(self) -> None:
+        """
+        Each line's deadline starts at its own first byte: lines sent in
+        halves, each within the timeout, keep the connection open.
+        """
+        _, client, pump = self.connect()
+        half = self.factory.request_timeout * 0.75
+        for _ in range(3):
+            self.ask(client, pump, b"SELECT")
+            self.clock.advance(half)
+            pump.flush()
+            self.assertEqual(self.ask(client, pump, b" 1\nSEL")[1], [1])
+            self.clock.advance(half)
+            pump.flush()
+            self.ask(client, pump, b"ECT 2\n")
+        self.assertIsNone(client.lost)
+
     def test_stop_closes_sessions(self) -> None:
         """
         Stopping the factory rolls back and closes every session and drops its
@@ -576,6 +614,28 @@ class StatementOrderTests(_InMemoryCase):
         threadpool.run_next()
         pump.flush()
         self.assertEqual(client.messages[-1]["ok"], True)
+
+    def test_no_request_timeout_while_running(self) -> None:
+        """
+        Lines held back while a statement runs are not the client's delay:
+        they are not timed out as an incomplete request.
+        """
+        threadpool = self.threadpool
+        assert isinstance(threadpool, _QueuedThreadPool)
+        _, client, pump = self.connect()
+        self.ask(client, pump, b"SELECT 1\nSELECT 2\nSELECT")
+        self.clock.advance(self.factory.request_timeout * 2)
+        pump.flush()
+        self.assertIsNone(client.lost)
+        threadpool.run_next()
+        pump.flush()
+        threadpool.run_next()
+        pump.flush()
+        self.assertEqual(client.messages[-1]["ok"], True)
+        self.assertIsNone(client.lost)
+        self.clock.advance(self.factory.request_timeout)
+        pump.flush()
+        self.assertIsNotNone(client.lost)
 
     def test_lost_connection_skips_and_closes(self) -> None:
         """

@@ -1,7 +1,7 @@
 """
 What the application and SQL servers share about their peers: the client
 certificate learnt at the end of the TLS handshake, the log line when a
-handshake is refused, and the handshake and idle timeouts.
+handshake is refused, and the handshake, idle and request timeouts.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 #: Seconds an authenticated connection may stay silent before it is closed.
 DEFAULT_IDLE_TIMEOUT = 600.0
+
+#: Seconds a client has to send the rest of a request (a frame, a line) once
+#: its first byte arrived.
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 def common_name(certificate: x509.Certificate) -> str:
@@ -62,6 +66,14 @@ class AuthenticatedPeerMixin(TimeoutMixin):
     answers nor trusts anything. A connection lost before that is a refused
     handshake, logged once with the reason.
 
+    A request (a frame, a line) whose first byte arrived must be complete
+    within ``request_timeout`` seconds, or `request_timed_out` closes the
+    connection: the idle timer alone would let a client that sends a byte
+    now and then hold its connection for ever. The protocol counts the bytes
+    it receives (`note_received`) and those of each complete request
+    (`note_request`), and says after each batch whether it waits for more
+    (`update_request_deadline`).
+
     The class using it sets ``server_name`` (for logs), ``clock`` (an
     `IReactorTime`), and the timeouts, and may override `peer_authenticated`.
     """
@@ -71,10 +83,13 @@ class AuthenticatedPeerMixin(TimeoutMixin):
     clock: IReactorTime
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     peer_certificate: x509.Certificate | None = None
     _verify_error: str | None = None
     _timed_out_in: str | None = None
+    _incomplete = 0
+    _request_deadline: Any = None
 
     def callLater(self, period: float, func: Any) -> Any:  # noqa: N802 (TimeoutMixin)
         """
@@ -129,6 +144,67 @@ class AuthenticatedPeerMixin(TimeoutMixin):
         Called once the client's certificate was verified; override to greet.
         """
 
+    def note_received(self, count: int) -> None:
+        """
+        Count ``count`` bytes received from the client, before they are split
+        into requests.
+        """
+        self._incomplete += count
+
+    def note_request(self, size: int) -> None:
+        """
+        Count a complete request of ``size`` bytes (its framing included) out
+        of the bytes received, and stop its deadline.
+        """
+        self._incomplete -= size
+        self.stop_request_deadline()
+
+    def update_request_deadline(self, waiting: bool) -> None:
+        """
+        Call after handling received bytes: start the request deadline if
+        part of a request is waiting for the rest, unless it runs already.
+
+        Args:
+            waiting: Whether the protocol is reading the client's bytes (not
+                paused or closing), so that what is missing is the client's
+                to send.
+        """
+        if not waiting or self._incomplete <= 0:
+            self.stop_request_deadline()
+        elif self._request_deadline is None:
+            self._request_deadline = self.clock.callLater(
+                self.request_timeout, self._request_overdue
+            )
+
+    def stop_request_deadline(self) -> None:
+        """
+        Stop the request deadline, if it runs.
+        """
+        deadline, self._request_deadline = self._request_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _request_overdue(self) -> None:
+        self._request_deadline = None
+        self._timed_out_in = "request"
+        self.setTimeout(None)
+        self.log.info(
+            "{server}: closing {peer}: a request it began {timeout:g} s ago is "
+            "still incomplete ({count} bytes so far; --request-timeout)",
+            server=self.server_name,
+            peer=peer_label(self.transport),
+            timeout=self.request_timeout,
+            count=self._incomplete,
+        )
+        self.request_timed_out()
+
+    def request_timed_out(self) -> None:
+        """
+        Close a connection whose request did not arrive in time; override to
+        tell the client first.
+        """
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin)
         """
         Close a connection that took too long to handshake or went idle.
@@ -150,6 +226,7 @@ class AuthenticatedPeerMixin(TimeoutMixin):
         client gave up (distrusting the server's certificate, say).
         """
         self.setTimeout(None)
+        self.stop_request_deadline()
         if self.peer_certificate is not None or self._timed_out_in:
             return
         if self._verify_error is not None:

@@ -559,6 +559,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             max_frame_size=settings.max_frame_size,
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
+            request_timeout=settings.request_timeout,
             max_outstanding=settings.app_max_outstanding,
             registry=(
                 load_registry(settings.app_handlers) if settings.app_handlers else None
@@ -604,6 +605,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
             max_line_length=settings.max_line_length,
             handshake_timeout=settings.handshake_timeout,
             idle_timeout=settings.idle_timeout,
+            request_timeout=settings.request_timeout,
             users_file=users_file(layout.path),
             passwords=settings.sql_client_certificate == "optional",
             certificate_access=settings.sql_certificate_access,

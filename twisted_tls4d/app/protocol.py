@@ -34,6 +34,7 @@ from zope.interface import implementer
 from twisted_tls4d._peer import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     AuthenticatedPeerMixin,
     common_name,
     peer_label,
@@ -204,6 +205,7 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         self.MAX_LENGTH = factory.max_frame_size
         self.handshake_timeout = factory.handshake_timeout
         self.idle_timeout = factory.idle_timeout
+        self.request_timeout = factory.request_timeout
         self.identity: Identity | None = None
         self.version: int | None = None
         self.requests_answered = 0
@@ -293,6 +295,7 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         self._lost = True
         if self._cut is not None and self._cut.active():
             self._cut.cancel()
+        self.stop_request_deadline()
         if self._refused:
             self.setTimeout(None)
         else:
@@ -335,12 +338,24 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
             "server's limit; connect again, or send ping now and then to stay.",
         )
 
+    def request_timed_out(self) -> None:
+        """
+        Close a connection whose request did not arrive within
+        ``request_timeout``, telling the client why.
+        """
+        self.close_with_event(
+            "request_timeout",
+            f"A request began to arrive {self.request_timeout:g} s ago and is "
+            "still incomplete, over this server's limit; send each frame whole.",
+        )
+
     def close_with_event(self, reason: str, message: str) -> None:
         """
         Send a ``closing`` event and close the connection.
 
         Args:
-            reason: ``"idle_timeout"`` or ``"shutdown"``.
+            reason: ``"idle_timeout"``, ``"request_timeout"`` or
+                ``"shutdown"``.
             message: Why, for people.
         """
         if self._closing or self._lost:
@@ -355,6 +370,7 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         """
         self._closing = True
         self.setTimeout(None)
+        self.stop_request_deadline()
         if self.paused:
             # The TLS layer must read the client's close_notify to close.
             self.transport.resumeProducing()
@@ -401,6 +417,7 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         )
         if stop and not self.paused:
             self.paused = True
+            self.stop_request_deadline()
             self.transport.pauseProducing()
         elif not stop and self.paused and not self._lost:
             self.paused = False
@@ -440,12 +457,14 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
             self.transport.abortConnection()
             return
         if data:
+            self.note_received(len(data))
             self.resetTimeout()
         self._receiving = True
         try:
             super().dataReceived(data)
         finally:
             self._receiving = False
+        self.update_request_deadline(not self.paused and not self._closing)
 
     def lengthLimitExceeded(self, length: int) -> None:  # noqa: N802 (Twisted's name)
         """
@@ -472,6 +491,7 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         """
         Serve one frame.
         """
+        self.note_request(self.prefixLength + len(string))
         if self._closing:
             return
         try:
@@ -954,6 +974,7 @@ class AppServerFactory(Factory):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
         registry: Registry | None = None,
         database: SQLDatabase | None = None,
@@ -969,6 +990,8 @@ class AppServerFactory(Factory):
             handshake_timeout: Seconds a client has to complete TLS.
             idle_timeout: Seconds an authenticated connection with no request
                 in progress may stay silent.
+            request_timeout: Seconds a client has to send the rest of a frame
+                once its first byte arrived.
             max_outstanding: The most requests of one connection in progress
                 at once; past it the server reads no more from it until one
                 is answered.
@@ -1002,6 +1025,7 @@ class AppServerFactory(Factory):
         for what, value in (
             ("handshake timeout", handshake_timeout),
             ("idle timeout", idle_timeout),
+            ("request timeout", request_timeout),
         ):
             if value <= 0:
                 msg = (
@@ -1012,6 +1036,7 @@ class AppServerFactory(Factory):
         self.max_frame_size = max_frame_size
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self.max_outstanding = max_outstanding
         self.registry = SIMPLE_OPS.merged(registry) if registry else SIMPLE_OPS
         clash = sorted((BUILTIN_OPS - set(SIMPLE_OPS)) & set(registry or ()))

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from twisted_tls4d._peer import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     AuthenticatedPeerMixin,
     common_name,
     peer_label,
@@ -250,14 +251,17 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         """
         if self._session is None:
             return
+        self.note_received(len(data))
         self.resetTimeout()
         LineReceiver.dataReceived(self, data)
+        self.update_request_deadline(not self.paused and not self._lost)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
         Run one request, holding back the following lines until its answer
         is written.
         """
+        self.note_request(len(line) + len(self.delimiter))
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
@@ -376,6 +380,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         """
         Answer a line over the limit with an error and close the connection.
         """
+        self.stop_request_deadline()
         self._refuse(
             wire.ERROR_LINE_TOO_LONG,
             f"The line is longer than this server's limit of {self.MAX_LENGTH} "
@@ -392,6 +397,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         self._lost = True
         if self._handshake_done and self.peer_certificate is None:
             self.setTimeout(None)
+            self.stop_request_deadline()
         else:
             self.log_refusal_if_any(reason)
         if self._session is not None:
@@ -486,6 +492,7 @@ class SQLServerFactory(Factory):
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         threadpool: ThreadPool | None = None,
         reactor: IReactorFromThreads | None = None,
         users_file: Path | None = None,
@@ -503,6 +510,8 @@ class SQLServerFactory(Factory):
                 longer one is answered with an error and the connection closed.
             handshake_timeout: Seconds a client has to complete TLS.
             idle_timeout: Seconds an authenticated client may stay silent.
+            request_timeout: Seconds a client has to send the rest of a
+                line once its first byte arrived.
             threadpool: The database threads to use, started and stopped by
                 its owner; if None, the factory makes its own, which `start`
                 starts and `stop` stops.
@@ -527,6 +536,7 @@ class SQLServerFactory(Factory):
         self.max_line_length = max_line_length
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self._owns_threadpool = threadpool is None
         self._threadpool = threadpool
         self._reactor = reactor
@@ -617,6 +627,7 @@ class SQLServerFactory(Factory):
         protocol.clock = self.clock
         protocol.handshake_timeout = self.handshake_timeout
         protocol.idle_timeout = self.idle_timeout
+        protocol.request_timeout = self.request_timeout
         protocol.MAX_LENGTH = self.max_line_length
         return protocol
 
