@@ -792,6 +792,61 @@ class LimitTests(_ListenerCase):
         self.assertLess(elapsed, CLIENT_TIMEOUT)
 
     @defer.inlineCallbacks
+    def test_request_line_timeout(self) -> Any:
+        """
+        A request line sent a byte at a time, faster than the idle timeout,
+        is answered 408 once --request-timeout passed, over HTTPS and HTTP.
+        """
+        ports = yield self.start(request_timeout=1, add_header=["X-Test: yes"])
+
+        def trickle(connection: socket.socket) -> bytes:
+            for byte in b"GET /index.html HTTP/1.1":
+                time.sleep(0.2)
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    break
+            return _read_all(connection)
+
+        def over_https() -> bytes:
+            with _tls_client(ports["https"], self.layout.ca) as connection:
+                return trickle(connection)
+
+        def over_http() -> bytes:
+            with socket.create_connection(
+                ("127.0.0.1", ports["http"]), timeout=CLIENT_TIMEOUT
+            ) as connection:
+                return trickle(connection)
+
+        for client in (over_https, over_http):
+            answer = yield threads.deferToThread(client)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+            self.assertIn(b"x-test: yes", answer.lower())
+
+    @defer.inlineCallbacks
+    def test_request_timed_from_first_byte(self) -> Any:
+        """
+        The time a request line took counts toward --request-timeout of the
+        rest of the request.
+        """
+        ports = yield self.start(request_timeout=1.5)
+
+        def slow_line_then_headers() -> bytes:
+            with _tls_client(ports["https"], self.layout.ca) as connection:
+                connection.sendall(b"GET / HTT")
+                time.sleep(1)
+                connection.sendall(b"P/1.1\r\n")
+                time.sleep(1)
+                try:
+                    connection.sendall(b"Host: localhost\r\n\r\n")
+                except OSError:
+                    pass
+                return _read_all(connection)
+
+        answer = yield threads.deferToThread(slow_line_then_headers)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+
+    @defer.inlineCallbacks
     def test_idle_timeout(self) -> Any:
         """A silent connection, handshaken or not, closes after --web-idle-timeout."""
         ports = yield self.start(web_idle_timeout=1)

@@ -375,9 +375,9 @@ class Limits:
     Attributes:
         max_request_size: The largest request body, in bytes; a larger one
             is answered 413.
-        request_timeout: Seconds from a request's first line to its last
-            byte; a slower request is answered 408 (HTTP/1.1) or reset
-            (HTTP/2).
+        request_timeout: Seconds from a request's first byte (HTTP/1.1) or
+            its headers (HTTP/2) to its last byte; a slower request is
+            answered 408 (HTTP/1.1) or reset (HTTP/2).
     """
 
     max_request_size: int = 2_000_000
@@ -402,8 +402,13 @@ class LimitedRequest(server.Request):
         reactor = getattr(site, "reactor", None)
         self._deadline: Any = None
         if reactor is not None:
+            spent = 0.0
+            if isinstance(channel, WebChannel):
+                began = channel.request_began()
+                if began is not None:
+                    spent = reactor.seconds() - began
             self._deadline = reactor.callLater(
-                self._limits.request_timeout, self._too_slow
+                max(self._limits.request_timeout - spent, 0), self._too_slow
             )
 
     def _cancel_deadline(self) -> None:
@@ -528,6 +533,101 @@ class LimitedRequest(server.Request):
         super().connectionLost(reason)
 
 
+class WebChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection whose requests are timed from their first byte:
+    Twisted makes a request only once its first line is complete, so a
+    client sending that line a byte at a time would otherwise be bounded
+    only by the idle timeout between bytes. A request line not complete
+    within the site's ``request_timeout`` is answered 408 and the connection
+    closed; once it is, `LimitedRequest` times the rest with what is left.
+    """
+
+    _began: float | None = None
+    _line_deadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Start the request's clock at the first byte received while no
+        request is in progress, then read as usual.
+        """
+        site = getattr(self, "site", None)
+        limits = getattr(site, "limits", None)
+        reactor = getattr(site, "reactor", None)
+        if (
+            data
+            and not self.requests
+            and self._line_deadline is None
+            and limits is not None
+            and reactor is not None
+        ):
+            self._began = reactor.seconds()
+            self._line_deadline = reactor.callLater(
+                limits.request_timeout, self._line_too_slow
+            )
+        super().dataReceived(data)
+
+    def request_began(self) -> float | None:
+        """
+        Stop timing the request line: a request was made of it.
+
+        Returns:
+            When the request's first byte arrived (reactor seconds), or None
+            if that was not timed.
+        """
+        began, self._began = self._began, None
+        self._cancel_line_deadline()
+        return began
+
+    def _cancel_line_deadline(self) -> None:
+        deadline, self._line_deadline = self._line_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _line_too_slow(self) -> None:
+        self._line_deadline = None
+        site = getattr(self, "site", None)
+        limits: Limits = site.limits  # type: ignore[union-attr]
+        address = self.transport.getPeer()  # type: ignore[union-attr]
+        host = getattr(address, "host", "?")
+        port = getattr(address, "port", "?")
+        _log.warn(
+            "{peer} did not send its whole request within {timeout} s; closed "
+            "(--request-timeout sets the limit)",
+            peer=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            timeout=limits.request_timeout,
+        )
+        body = b"The request did not arrive in time.\n"
+        headers = Headers()
+        headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        headers.setRawHeaders(b"connection", [b"close"])
+        for name, value in getattr(site, "extra_headers", ()):
+            headers.addRawHeader(name, value)
+        self.writeHeaders(b"HTTP/1.1", b"408", b"Request Timeout", headers)
+        self.write(body)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Stop the request line's clock, then end as usual.
+        """
+        self._cancel_line_deadline()
+        super().connectionLost(reason)
+
+
+def _web_channel(factory: Any) -> Any:
+    """
+    Returns:
+        What Twisted's own channel factory returns (a protocol that switches
+        to HTTP/2 when ALPN chose it), around a `WebChannel`. Twisted offers
+        no public way to change the HTTP/1.1 channel and keep that switch,
+        so this names its private proxy class; tests of the request timeout
+        fail if a Twisted release changes it.
+    """
+    return http._GenericHTTPChannelProtocol(WebChannel())
+
+
 class _LoggedRequest(proxyForInterface(IRequest, "_request")):  # type: ignore[misc]
     """
     What the access log sees of a request: its path and referrer without
@@ -584,6 +684,7 @@ class WebSite(server.Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _web_channel
 
     def __init__(
         self,
