@@ -340,6 +340,13 @@ class UnsentBoundTests(_GuardCase):
         self.above.unregisterProducer()
         self.assertIsInstance(self.transport.producer, guard._SendBuffer)
 
+    def test_stop_consuming(self) -> None:
+        """stopConsuming forgets the producer above and closes the connection."""
+        self.above.registerProducer(_Producer(), True)
+        self.above.stopConsuming()
+        self.assertTrue(self.transport.disconnecting)
+        self.above.registerProducer(_Producer(), True)
+
     def test_transport_calls_pass(self) -> None:
         """Pausing reading and the peer's address go to the real transport."""
         self.above.pauseProducing()
@@ -626,3 +633,29 @@ class SettingsTests(SynchronousTestCase):
             self.assertIn(
                 f"{name.replace('_', '-')} must be positive", str(caught.exception)
             )
+
+
+class OpenFilesTests(SynchronousTestCase):
+    """
+    A limit on open files too low for the connection limits is warned of.
+    """
+
+    def test_warns_when_too_few(self) -> None:
+        """Four listeners of 100 connections need more than 300 files."""
+        import resource
+
+        logged = _capture_logs(self)
+        self.patch(resource, "getrlimit", lambda which: (300, 300))
+        guard.warn_if_few_files(4, guard.GuardLimits(max_connections=100))
+        self.assertEqual(len(logged), 1)
+        self.assertIn("This process may open 300 files", logged[0])
+        self.assertIn("ulimit -n 464", logged[0])
+
+    def test_quiet_when_enough(self) -> None:
+        """With enough files, nothing is logged."""
+        import resource
+
+        logged = _capture_logs(self)
+        self.patch(resource, "getrlimit", lambda which: (1024, 4096))
+        guard.warn_if_few_files(4, guard.GuardLimits(max_connections=100))
+        self.assertEqual(logged, [])

@@ -98,6 +98,39 @@ def limits_from(settings: Any, *, tls_handshake: bool = False) -> GuardLimits:
     )
 
 
+#: Files the process needs beside its connections: listeners, the database
+#: and its journal, logs, the thread pools' pipes.
+_OTHER_FILES = 64
+
+
+def warn_if_few_files(listeners: int, limits: GuardLimits) -> None:
+    """
+    Log a warning if the process may open fewer files than ``listeners``
+    listeners of ``limits.max_connections`` connections need: past its
+    limit, the system refuses new connections before the guard sees them.
+
+    Args:
+        listeners: How many listeners the process runs.
+        limits: Their limits.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = listeners * limits.max_connections + _OTHER_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warn(
+            "This process may open {soft} files, but its {listeners} listeners "
+            "may hold {connections} connections at once (--max-connections) "
+            "beside about {other} other files; raise the limit (ulimit -n "
+            "{needed}, or LimitNOFILE= under systemd) or lower --max-connections",
+            soft=soft,
+            listeners=listeners,
+            connections=listeners * limits.max_connections,
+            other=_OTHER_FILES,
+            needed=needed,
+        )
+
+
 def peer_address(address: IAddress | None) -> str:
     """
     Returns:
@@ -298,6 +331,13 @@ class GuardedConnection(ProtocolWrapper):
             self.factory.clock.callLater(CLOSE_GRACE, self._close_overdue)
         )
         self.transport.loseConnection()
+
+    def stopConsuming(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Forget the producer above and close, as a transport does.
+        """
+        self.unregisterProducer()
+        self.loseConnection()
 
     def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
         """

@@ -641,4 +641,5 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         add(listener.name, listener.label, port, outer, **kw)
         if listener.name == "https" and http_site is not None and not settings.no_http:
             add("http", "HTTP web server", settings.http_port, http_site)
+    guard.warn_if_few_files(len(list(top)), guard.limits_from(settings))
     return top
