@@ -921,9 +921,12 @@ class AccessLogTests(_ListenerCase):
         self.assertEqual(os.stat(logs).st_mode & 0o777, 0o755)
         deadline = time.monotonic() + CLIENT_TIMEOUT
         https_log = logs / "https-access.log"
-        while not https_log.exists() or not https_log.read_text():
-            self.assertLess(time.monotonic(), deadline)
-            yield _curl("--version")
+        http_log = logs / "http-access.log"
+        # Lines reach the files within a second of their requests.
+        for log_file in (https_log, http_log):
+            while not log_file.exists() or not log_file.read_text():
+                self.assertLess(time.monotonic(), deadline)
+                yield _curl("--version")
         https_line = https_log.read_text()
         self.assertRegex(
             https_line,
@@ -931,7 +934,7 @@ class AccessLogTests(_ListenerCase):
             r'"GET /index\.html HTTP/(1\.1|2)" 200 \d+ "https://localhost/from" '
             r'"tls4d-test"\n$',
         )
-        http_line = (logs / "http-access.log").read_text()
+        http_line = http_log.read_text()
         self.assertIn('"GET /x HTTP/1.1" 301', http_line)
         for text in (https_line, http_line):
             self.assertNotIn("s3cret", text)

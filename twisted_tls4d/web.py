@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat as stat_module
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,6 @@ from service_identity.cryptography import (
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
 from twisted.python import logfile, reflect
-from twisted.python.components import proxyForInterface
 from twisted.web import http, resource, server, static
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -39,6 +40,16 @@ _log = Logger()
 #: files are kept beside it.
 ACCESS_LOG_ROTATE_LENGTH = 10 * 1000 * 1000
 ACCESS_LOG_KEPT = 10
+
+#: Files up to this size are answered from memory in one write, without a
+#: producer; larger ones, and every byte-range request, stream from disk.
+SMALL_FILE_LIMIT = 64 * 1024
+
+#: The most request paths the web server remembers the file of.
+KNOWN_PATHS = 4096
+
+#: The most bytes of small files kept in memory at once.
+SMALL_FILE_CACHE_BYTES = 16 * 1024 * 1024
 
 #: Header names an operator may not set with ``--add-header``: HSTS has its
 #: own options (and must never go over plain HTTP), and the others belong to
@@ -147,6 +158,64 @@ class AppFallback(resource.Resource):
         return self.app.render(request)
 
 
+def _signature(status: os.stat_result) -> tuple[int, int, int, int]:
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+class SmallFileCache:
+    """
+    The bytes of recently served small files, each kept with the identity,
+    size and modification time it was read with, so that a file changed on
+    disk is read again; the least recently used files leave first once the
+    cache holds more than its byte limit.
+
+    Attributes:
+        limit: The most bytes held.
+        held: The bytes held now.
+    """
+
+    def __init__(self, limit: int = SMALL_FILE_CACHE_BYTES) -> None:
+        self.limit = limit
+        self.held = 0
+        self._files: OrderedDict[str, tuple[tuple[int, int, int, int], bytes]] = (
+            OrderedDict()
+        )
+
+    def read(self, path: str, status: os.stat_result) -> bytes | None:
+        """
+        Args:
+            path: A regular file of at most `SMALL_FILE_LIMIT` bytes.
+            status: What ``os.stat`` says of it now.
+
+        Returns:
+            Its bytes: the kept ones if it is unchanged, else read now; None
+            if it has grown past `SMALL_FILE_LIMIT` meanwhile.
+
+        Raises:
+            OSError: It cannot be read.
+        """
+        signature = _signature(status)
+        kept = self._files.get(path)
+        if kept is not None and kept[0] == signature:
+            self._files.move_to_end(path)
+            return kept[1]
+        with open(path, "rb") as handle:
+            signature = _signature(os.fstat(handle.fileno()))
+            data = handle.read(SMALL_FILE_LIMIT + 1)
+        if kept is not None:
+            self.held -= len(kept[1])
+            del self._files[path]
+        if len(data) > SMALL_FILE_LIMIT:
+            return None
+        if signature[2] == len(data):
+            self._files[path] = (signature, data)
+            self.held += len(data)
+            while self.held > self.limit:
+                _, (_, dropped) = self._files.popitem(last=False)
+                self.held -= len(dropped)
+        return data
+
+
 class WebFolder(static.File):
     """
     The static files of a folder: ``index.html`` for a folder that has one,
@@ -164,6 +233,7 @@ class WebFolder(static.File):
     top: str
     listing: bool = False
     fallback: resource.Resource | None = None
+    small_files: SmallFileCache
 
     @classmethod
     def serve(
@@ -186,6 +256,7 @@ class WebFolder(static.File):
         files.top = os.path.realpath(folder)
         files.listing = listing
         files.fallback = fallback
+        files.small_files = SmallFileCache()
         not_found: Any = fallback
         if not_found is None:
             not_found = resource.NoResource("No such page.")
@@ -202,6 +273,7 @@ class WebFolder(static.File):
         similar.top = self.top
         similar.listing = self.listing
         similar.fallback = self.fallback
+        similar.small_files = self.small_files
         return similar  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: Any) -> Any:  # noqa: N802 (Twisted's name)
@@ -251,20 +323,62 @@ class WebFolder(static.File):
     def render_GET(self, request: Any) -> Any:  # noqa: N802 (Twisted's name)
         """
         Serve the file as `static.File` does, with an ``ETag`` of its size
-        and modification time, answering ``If-None-Match`` with 304.
+        and modification time, answering ``If-None-Match`` with 304; a small
+        file (`SMALL_FILE_LIMIT`) asked for whole is answered from memory in
+        one write.
 
         Returns:
             The body, or NOT_DONE_YET while a producer sends it.
         """
-        self.restat(False)
-        if self.isfile():
-            stat = os.stat(self.path)
-            etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'.encode("ascii")
-            if request.setETag(etag) is http.CACHED:
-                return b""
-        return super().render_GET(request)
+        try:
+            status = os.stat(self.path)
+        except OSError:
+            return super().render_GET(request)
+        if not stat_module.S_ISREG(status.st_mode):
+            return super().render_GET(request)
+        etag = f'"{status.st_mtime_ns:x}-{status.st_size:x}"'.encode("ascii")
+        if request.setETag(etag) is http.CACHED:
+            return b""
+        if status.st_size > SMALL_FILE_LIMIT or request.getHeader(b"range"):
+            return super().render_GET(request)
+        try:
+            data = self.small_files.read(self.path, status)
+        except OSError:
+            data = None
+        if data is None:
+            return super().render_GET(request)
+        if request.getHeader(b"if-none-match") is not None or (
+            request.getHeader(b"if-modified-since") is None
+        ):
+            request.setHeader(b"last-modified", self._last_modified(status))
+        elif request.setLastModified(int(status.st_mtime)) is http.CACHED:
+            return b""
+        if self.type is None:
+            self.type, self.encoding = static.getTypeAndEncoding(
+                self.basename(),
+                self.contentTypes,
+                self.contentEncodings,
+                self.defaultType,
+            )
+        request.setHeader(b"accept-ranges", b"bytes")
+        self._setContentHeaders(request, len(data))
+        if request.method == b"HEAD":
+            return b""
+        return data
 
     render_HEAD = render_GET
+
+    def _last_modified(self, status: os.stat_result) -> bytes:
+        """
+        Returns:
+            The ``Last-Modified`` value of a file, formatted once for each
+            modification time.
+        """
+        kept = getattr(self, "_last_modified_kept", None)
+        if kept is None or kept[0] != status.st_mtime_ns:
+            kept = (status.st_mtime_ns, http.datetimeToString(int(status.st_mtime)))
+            self._last_modified_kept = kept
+        return kept[1]  # type: ignore[no-any-return]
 
 
 class RedirectToHTTPS(resource.Resource):
@@ -628,33 +742,19 @@ def _web_channel(factory: Any) -> Any:
     return http._GenericHTTPChannelProtocol(WebChannel())
 
 
-class _LoggedRequest(proxyForInterface(IRequest, "_request")):  # type: ignore[misc]
+def _log_field(value: bytes) -> str:
     """
-    What the access log sees of a request: its path and referrer without
-    their query strings, which may carry secrets.
+    Returns:
+        ``value`` as the combined log format quotes it: printable ASCII as
+        is, other bytes as ``\\xNN``, double quotes and backslashes escaped.
     """
-
-    @property
-    def uri(self) -> bytes:
-        return self._request.uri.split(b"?", 1)[0]  # type: ignore[no-any-return]
-
-    def getHeader(self, key: bytes) -> bytes | None:  # noqa: N802 (Twisted's name)
-        value = self._request.getHeader(key)
-        if value is not None and key.lower() == b"referer":
-            return value.split(b"?", 1)[0].split(b"#", 1)[0]  # type: ignore[no-any-return]
-        return value  # type: ignore[no-any-return]
-
-    @property
-    def clientproto(self) -> bytes:
-        return self._request.clientproto  # type: ignore[no-any-return]
-
-    @property
-    def code(self) -> int:
-        return self._request.code  # type: ignore[no-any-return]
-
-    @property
-    def sentLength(self) -> int:  # noqa: N802 (Twisted's name)
-        return self._request.sentLength  # type: ignore[no-any-return]
+    text = value.decode("ascii", "backslashreplace")
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    escaped = repr(value)[2:-1]
+    if repr(value)[1] == "'":
+        escaped = escaped.replace("\\'", "'").replace('"', '\\"')
+    return escaped
 
 
 def access_log_line(timestamp: str, request: IRequest) -> str:
@@ -669,7 +769,77 @@ def access_log_line(timestamp: str, request: IRequest) -> str:
     Returns:
         One line, without its line break.
     """
-    return http.combinedLogFormatter(timestamp, _LoggedRequest(request))  # type: ignore[no-any-return]
+    client = request.getClientAddress()
+    host = getattr(client, "host", None)
+    ip = _log_field(host.encode("ascii")) if isinstance(host, str) else "-"
+    referrer = request.getHeader(b"referer")
+    if referrer is not None:
+        referrer = referrer.split(b"?", 1)[0].split(b"#", 1)[0]
+    agent = request.getHeader(b"user-agent")
+    uri = request.uri.split(b"?", 1)[0]  # type: ignore[attr-defined]
+    length = request.sentLength or "-"  # type: ignore[attr-defined]
+    return (
+        f'"{ip}" - - {timestamp} "{_log_field(request.method)} {_log_field(uri)} '
+        f'{_log_field(request.clientproto)}" {request.code} {length} '  # type: ignore[attr-defined]
+        f'"{_log_field(referrer or b"-")}" "{_log_field(agent or b"-")}"'
+    )
+
+
+class BufferedLogFile(logfile.LogFile):
+    """
+    A rotated log file that gathers lines in memory and writes them at most
+    a second later, or at once past `flush_size` bytes, instead of one write
+    per line; closing it writes what it holds.
+
+    Attributes:
+        clock: Schedules the delayed write.
+        flush_delay: Seconds a line may wait.
+        flush_size: Bytes that are written at once.
+    """
+
+    flush_delay = 1.0
+    flush_size = 64 * 1024
+
+    def __init__(self, *args: Any, clock: Any, **kwargs: Any) -> None:
+        self.clock = clock
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._delayed: Any = None
+        super().__init__(*args, **kwargs)
+
+    def write(self, data: str | bytes) -> None:
+        """
+        Keep ``data`` for the next write to the file.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self.flush_size:
+            self.write_pending()
+        elif self._delayed is None:
+            self._delayed = self.clock.callLater(self.flush_delay, self.write_pending)
+
+    def write_pending(self) -> None:
+        """
+        Write the lines held in memory to the file.
+        """
+        if self._delayed is not None:
+            if self._delayed.active():
+                self._delayed.cancel()
+            self._delayed = None
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending = []
+            self._pending_size = 0
+            super().write(data)
+
+    def close(self) -> None:
+        """
+        Write what is held, then close the file.
+        """
+        self.write_pending()
+        super().close()
 
 
 class WebSite(server.Site):
@@ -697,28 +867,65 @@ class WebSite(server.Site):
         super().__init__(root, logFormatter=access_log_line, **kwargs)
         self.extra_headers = list(extra_headers)
         self.limits = limits or Limits()
+        self._files_by_path: OrderedDict[
+            bytes, tuple[WebFolder, tuple[int, int, int, int]]
+        ] = OrderedDict()
 
     def getResourceFor(self, request: IRequest) -> Any:  # noqa: N802 (Twisted's name)
         """
-        Set the extra headers, then find the resource as usual.
+        Set the extra headers, then find the resource: for a GET or HEAD of a
+        path that led to a file before, that file's resource while the file
+        is the same one (device, inode, size and modification time), without
+        walking the folders again; else as usual.
         """
         for name, value in self.extra_headers:
             request.responseHeaders.addRawHeader(name, value)
-        return super().getResourceFor(request)
+        if request.method not in (b"GET", b"HEAD"):
+            return super().getResourceFor(request)
+        path = request.path  # type: ignore[attr-defined]
+        known = self._files_by_path.get(path)
+        if known is not None:
+            found, signature = known
+            try:
+                unchanged = _signature(os.stat(found.path)) == signature
+            except OSError:
+                unchanged = False
+            if unchanged:
+                self._files_by_path.move_to_end(path)
+                # Where walking the folders would have left the request.
+                request.site = self  # type: ignore[attr-defined]
+                request.sitepath = list(request.prepath)  # type: ignore[attr-defined]
+                request.prepath += request.postpath  # type: ignore[attr-defined]
+                request.postpath = []  # type: ignore[attr-defined]
+                return found
+            del self._files_by_path[path]
+        found = super().getResourceFor(request)
+        if isinstance(found, WebFolder):
+            try:
+                status = os.stat(found.path)
+            except OSError:
+                return found
+            if stat_module.S_ISREG(status.st_mode):
+                self._files_by_path[path] = (found, _signature(status))
+                if len(self._files_by_path) > KNOWN_PATHS:
+                    self._files_by_path.popitem(last=False)
+        return found
 
     def _openLogFile(self, path: str | bytes) -> Any:  # noqa: N802 (Twisted's name)
         """
         Returns:
-            The access log, rotated at `ACCESS_LOG_ROTATE_LENGTH` bytes with
-            `ACCESS_LOG_KEPT` old files kept (``access.log.1`` the newest).
+            The access log, written at most a second after each request,
+            rotated at `ACCESS_LOG_ROTATE_LENGTH` bytes with `ACCESS_LOG_KEPT`
+            old files kept (``access.log.1`` the newest).
         """
         name = os.fsdecode(path)
-        return logfile.LogFile(
+        return BufferedLogFile(
             os.path.basename(name),
             os.path.dirname(name),
             rotateLength=ACCESS_LOG_ROTATE_LENGTH,
             defaultMode=0o640,
             maxRotatedFiles=ACCESS_LOG_KEPT,
+            clock=self.reactor,
         )
 
 
