@@ -181,7 +181,7 @@ class FastPathTests(_ListenerCase):
             if line.lower().startswith(b"etag:")
         ][0]
         out, _, _ = yield self.get("/page.txt", "--head")
-        self.assertIn(b"Content-Length: 6", out)
+        self.assertIn(b"content-length: 6", out.lower())
         self.assertEqual(_body(out), b"")
         out, _, _ = yield self.get(
             "/page.txt", "--header", "If-None-Match: " + etag.decode()
