@@ -234,6 +234,7 @@ class GuardedConnection(ProtocolWrapper):
         super().__init__(factory, wrapped)
         self.peer = peer
         self._address = address
+        self._host: IAddress | None = None
         self._producer: Any = None
         self._streaming = True
         self._full = False
@@ -261,6 +262,23 @@ class GuardedConnection(ProtocolWrapper):
         super().makeConnection(transport)
 
     # The transport of the protocol above
+
+    def getPeer(self) -> IAddress:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The peer's address, as accepted (asked for on every request by
+            HTTP, so not asked of the socket each time).
+        """
+        return self._address
+
+    def getHost(self) -> IAddress:  # noqa: N802 (Twisted's name)
+        """
+        Returns:
+            The listening side's address, asked of the socket once.
+        """
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     def write(self, data: bytes) -> None:
         """
