@@ -201,8 +201,9 @@ class Options(usage.Options):
             "max-connections",
             None,
             None,
-            "Most connections each web listener holds open; more are closed "
-            f"at once [default: {_DEFAULTS.max_connections}].",
+            "Most connections each web listener holds open in each process "
+            "(see --workers); more are closed at once "
+            f"[default: {_DEFAULTS.max_connections}].",
             int,
         ],
         [
@@ -281,6 +282,16 @@ class Options(usage.Options):
             "[default: every client its CA certified].",
         ],
         [
+            "workers",
+            None,
+            None,
+            "Processes that serve: this one and N-1 worker processes sharing "
+            "its listening sockets, so that every CPU serves; limits such as "
+            "--max-connections hold in each process [default: one per CPU, "
+            f"{settings_module.default_workers()} here].",
+            int,
+        ],
+        [
             "app-name",
             None,
             None,
@@ -351,4 +362,8 @@ def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)
         print(f"tls4d cannot start: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
         raise SystemExit(1) from e
     service.under_twistd = True
+    if options.settings.processes > 1:
+        from twisted_tls4d.workers import WorkerPool
+
+        WorkerPool(service, options.settings.processes - 1).setServiceParent(service)
     return service

@@ -9,8 +9,10 @@ listener writes an access log in the combined format, without query strings.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import ThrottlingFactory
-from twisted.python import logfile, reflect
+from twisted.python import reflect
 from twisted.python.components import proxyForInterface
 from twisted.web import http, resource, server, static
 from twisted.web.http_headers import Headers
@@ -40,6 +42,10 @@ _log = Logger()
 #: files are kept beside it.
 ACCESS_LOG_ROTATE_LENGTH = 10 * 1000 * 1000
 ACCESS_LOG_KEPT = 10
+
+#: How often, in seconds, an access log checks whether it is due for
+#: rotation or another process rotated it.
+ACCESS_LOG_CHECK_INTERVAL = 1.0
 
 #: Header names an operator may not set with ``--add-header``: HSTS has its
 #: own options (and must never go over plain HTTP), and the others belong to
@@ -612,14 +618,128 @@ class WebSite(server.Site):
             The access log, rotated at `ACCESS_LOG_ROTATE_LENGTH` bytes with
             `ACCESS_LOG_KEPT` old files kept (``access.log.1`` the newest).
         """
-        name = os.fsdecode(path)
-        return logfile.LogFile(
-            os.path.basename(name),
-            os.path.dirname(name),
-            rotateLength=ACCESS_LOG_ROTATE_LENGTH,
-            defaultMode=0o640,
-            maxRotatedFiles=ACCESS_LOG_KEPT,
-        )
+        return AccessLogFile(Path(os.fsdecode(path)))
+
+
+class AccessLogFile:
+    """
+    An access log that several processes append to at once: the twistd
+    process and its workers (``--workers``). Each line is one append, so
+    lines of different processes never mix; the process that finds the file
+    at `ACCESS_LOG_ROTATE_LENGTH` bytes or more rotates it (``name.1`` the
+    newest, `ACCESS_LOG_KEPT` kept) while holding a lock on it, and every
+    process follows to the new file within `ACCESS_LOG_CHECK_INTERVAL`
+    seconds, as after an outside rotation (logrotate).
+
+    Attributes:
+        path: The log file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        rotate_length: int = ACCESS_LOG_ROTATE_LENGTH,
+        kept: int = ACCESS_LOG_KEPT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        Args:
+            path: The log file; created (mode 0640) if missing.
+            rotate_length: The size in bytes at which it is rotated.
+            kept: How many rotated files are kept.
+            clock: Seconds, for the checks' interval.
+
+        Raises:
+            OSError: The file cannot be opened for appending.
+        """
+        self.path = path
+        self._rotate_length = rotate_length
+        self._kept = kept
+        self._clock = clock
+        self._fd = self._open()
+        self._checked = clock()
+
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            return os.open(self.path, flags)
+        os.fchmod(fd, 0o640)
+        return fd
+
+    def write(self, data: bytes | str) -> None:
+        """
+        Append ``data`` (one or more whole lines) to the log.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        now = self._clock()
+        if now - self._checked >= ACCESS_LOG_CHECK_INTERVAL:
+            self._checked = now
+            self._follow()
+        os.write(self._fd, data)
+
+    def _follow(self) -> None:
+        """
+        Rotate the file if it is due, or reopen it if another process (or an
+        outside tool) moved it away.
+        """
+        if os.fstat(self._fd).st_size >= self._rotate_length:
+            self._rotate()
+            return
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            self._reopen()
+            return
+        mine = os.fstat(self._fd)
+        if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+            self._reopen()
+
+    def _rotate(self) -> None:
+        """
+        Under an exclusive lock on the file, shift the rotated files by one
+        and move the file to ``name.1``, unless another process already did;
+        then write to the file now at `path`.
+        """
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(self._fd)
+            if current is not None and (current.st_dev, current.st_ino) == (
+                mine.st_dev,
+                mine.st_ino,
+            ):
+                for number in range(self._kept - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{number}")
+                    if older.exists():
+                        older.rename(older.with_name(f"{self.path.name}.{number + 1}"))
+                self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        fd = self._open()
+        os.close(self._fd)
+        self._fd = fd
+
+    def flush(self) -> None:
+        """
+        Nothing to do: every write reaches the file at once.
+        """
+
+    def close(self) -> None:
+        """
+        Close the file.
+        """
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class ConnectionLimit(ThrottlingFactory):
