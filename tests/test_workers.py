@@ -18,10 +18,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial import unittest
 
@@ -113,6 +117,68 @@ class ControlChannelTests(unittest.TestCase):
         )
         pump.flush()
         self.assertEqual(seen, ["early"])
+
+
+class _Reactor(Clock):
+    """A clock that also runs callWhenRunning at once."""
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:  # noqa: N802
+        f(*args)
+
+
+class _Pool(workers.WorkerPool):
+    """A pool whose workers are records, not processes."""
+
+    def __init__(self, count: int) -> None:
+        top = SimpleNamespace(factories={}, settings=settings.Settings())
+        super().__init__(top, count, reactor=_Reactor())
+        self.spawned: list[int] = []
+
+    def spawn(self, index: int) -> workers.Worker:
+        worker = workers.Worker(self, index, started=self.reactor.seconds(), pid=index)
+        self.workers[index] = worker
+        self.spawned.append(index)
+        return worker
+
+    def die(self, index: int, after: float) -> None:
+        """Let worker ``index`` live ``after`` seconds, then end with status 1."""
+        self.reactor.advance(after)
+        self.worker_ended(self.workers[index], Failure(ProcessTerminated(1)))
+
+
+class RestartTests(unittest.TestCase):
+    """
+    A worker that dies is started again, later and later while it keeps
+    dying young, and never once the pool stops.
+    """
+
+    def test_backoff(self) -> None:
+        """Young deaths wait 1, 2, 4 s; a death after a long life waits 1 s again."""
+        pool = _Pool(1)
+        pool.startService()
+        self.assertEqual(pool.spawned, [1])
+        waits = []
+        for lived in (1, 1, 1, workers.STABLE_AFTER + 1):
+            with capturedLogs() as events:
+                pool.die(1, lived)
+            [error] = [e for e in events if e["log_level"] is LogLevel.error]
+            waits.append(error["delay"])
+            count = len(pool.spawned)
+            pool.reactor.advance(error["delay"] - 0.1)
+            self.assertEqual(len(pool.spawned), count)
+            pool.reactor.advance(0.1)
+            self.assertEqual(len(pool.spawned), count + 1)
+        self.assertEqual(waits, [1, 2, 4, 1])
+
+    def test_no_restart_once_stopped(self) -> None:
+        """A restart due when the pool stops does not happen."""
+        pool = _Pool(2)
+        pool.startService()
+        pool.die(2, 1)
+        del pool.workers[1]
+        pool.stopService()
+        pool.reactor.advance(workers.MAX_RESTART_DELAY)
+        self.assertEqual(pool.spawned, [1, 2])
 
 
 class AccessLogTests(unittest.TestCase):

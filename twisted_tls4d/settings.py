@@ -49,6 +49,8 @@ def default_workers() -> int:
         each CPU this process may run on (its affinity mask where the system
         tells it, else the machine's CPUs), at least one.
     """
+    if os.name != "posix":
+        return 1
     affinity = getattr(os, "sched_getaffinity", None)
     if affinity is not None:
         try:
@@ -340,8 +342,8 @@ def check(settings: Settings) -> None:
         settings: The settings.
 
     Raises:
-        ConfigurationError: A port, size, age or timeout is out of range, or
-            the same port is used twice.
+        ConfigurationError: A port, size, age, timeout or the number of
+            workers is out of range, or the same port is used twice.
     """
     ports = {
         "https-port": settings.https_port,
@@ -396,10 +398,28 @@ def check(settings: Settings) -> None:
         raise ConfigurationError(msg)
     _check_app(settings)
     _check_web(settings)
-    if settings.workers is not None and not 1 <= settings.workers <= MAX_WORKERS:
+    _check_workers(settings)
+
+
+def _check_workers(settings: Settings) -> None:
+    """
+    Raises:
+        ConfigurationError: ``workers`` is out of range, or over 1 where
+            processes cannot inherit sockets (not POSIX).
+    """
+    workers = settings.workers
+    if workers is None:
+        return
+    if not 1 <= workers <= MAX_WORKERS:
         msg = (
-            f"workers must be 1 to {MAX_WORKERS} processes; got {settings.workers} "
+            f"workers must be 1 to {MAX_WORKERS} processes; got {workers} "
             f"(leave it unset for one per CPU, {default_workers()} here)."
+        )
+        raise ConfigurationError(msg)
+    if workers > 1 and os.name != "posix":
+        msg = (
+            f"workers {workers} needs a POSIX system, where worker processes "
+            "can inherit the listening sockets; use workers = 1 here."
         )
         raise ConfigurationError(msg)
 
