@@ -524,9 +524,9 @@ def build_context(
             of preference (``b"h2"``, ``b"http/1.1"``); the first one the
             client also offers is chosen. A client offering none of them goes
             on without ALPN. Empty: no ALPN.
-        session_id: Names the listener in its sessions, so that a session is
-            resumed only by the listener that established it (up to 26
-            bytes, after ``tls4d-``).
+        session_id: Names the listener in its sessions' id context (after
+            ``tls4d-``, 26 bytes at most), which OpenSSL requires to resume
+            a session with a verified client certificate.
 
     Returns:
         A context not yet used by any connection.

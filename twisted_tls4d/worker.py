@@ -132,6 +132,10 @@ class WorkerProcess:
             )
             self.stop(1)
             return
+        except Exception:
+            _log.failure("Worker {index} cannot start", index=self.index)
+            self.stop(1)
+            return
         for fd, _ in inherited.values():
             # The listeners serve copies of their own.
             os.close(fd)

@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, connectionDone
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import Int32StringReceiver
@@ -69,6 +69,11 @@ MAX_RESTART_DELAY = 60.0
 #: application frame (``--max-frame-size``, 2**31 - 1 at most), with room
 #: for its header.
 MAX_CONTROL_FRAME = 2**31 - 1
+
+
+#: The longest line of a worker's standard output or error held back
+#: waiting for its end, in bytes.
+_LONGEST_OUTPUT_LINE = 64 * 1024
 
 
 def settings_to_json(settings: Settings) -> dict[str, Any]:
@@ -119,6 +124,7 @@ class ControlChannel(Int32StringReceiver):
         self.on_lost = on_lost
         self.clock = clock
         self.connected_now = False
+        self.closed = False
         self._backlog: list[bytes] = []
         self._pending: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._next_id = 0
@@ -153,9 +159,12 @@ class ControlChannel(Int32StringReceiver):
         Send a request.
 
         Returns:
-            A Deferred firing with the reply, or failing if the channel
-            closes (or ``timeout`` seconds pass) first.
+            A Deferred firing with the reply (with an ``error`` if the other
+            end could not serve it), or failing if the channel is or gets
+            closed (or ``timeout`` seconds pass) first.
         """
+        if self.closed:
+            return defer.fail(ConnectionDone("The control channel is closed."))
         self._next_id += 1
         request_id = self._next_id
         waiting: defer.Deferred[dict[str, Any]] = defer.Deferred(
@@ -180,25 +189,28 @@ class ControlChannel(Int32StringReceiver):
             if waiting is not None:
                 waiting.callback(message)
             return
-        answer = defer.maybeDeferred(self.handler, message, body)
         request_id = message.get("id")
+
+        def failed(failure: Failure) -> dict[str, Any]:
+            _log.failure(
+                "Cannot serve the control message {kind!r}", failure, kind=kind
+            )
+            return {"error": failure.getErrorMessage()}
+
+        answer = defer.maybeDeferred(self.handler, message, body).addErrback(failed)
         if request_id is not None:
             answer.addCallback(
                 lambda result: self.send(
                     {**(result or {}), "kind": "reply", "id": request_id}
                 )
             )
-        answer.addErrback(
-            lambda failure: _log.failure(
-                "Cannot serve the control message {kind!r}", failure, kind=kind
-            )
-        )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         """
         Fail the requests still waiting for a reply, and tell `on_lost`.
         """
         self.connected_now = False
+        self.closed = True
         pending, self._pending = self._pending, {}
         for waiting in pending.values():
             waiting.errback(reason)
@@ -276,7 +288,11 @@ class _WorkerProcess(ProcessProtocol):
         before its log was set up, say).
         """
         lines = (self._partial.pop(childFD, b"") + data).split(b"\n")
-        self._partial[childFD] = lines.pop()
+        rest = lines.pop()
+        if len(rest) > _LONGEST_OUTPUT_LINE:
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
         for line in lines:
             self.worker.log_output(line)
 
@@ -383,7 +399,11 @@ class Worker:
         """
         kind = message.get("kind")
         if kind == "log":
-            event = eventFromJSON(body.decode("utf-8"))
+            try:
+                event = eventFromJSON(body.decode("utf-8"))
+            except ValueError:
+                self.log_output(body)
+                return None
             event["log_system"] = f"{self.system} {_system_of(event)}"
             globalLogPublisher(event)
             return None
@@ -469,7 +489,18 @@ class WorkerPool(Service):
     def _start_all(self) -> None:
         for index in range(1, self.count + 1):
             if not self._stopping and index not in self.workers:
-                self.spawn(index)
+                self._start(index)
+
+    def _start(self, index: int) -> None:
+        """
+        Start worker ``index``; if it cannot even be started (no process or
+        file descriptor left), log why and try again later.
+        """
+        try:
+            self.spawn(index)
+        except Exception:
+            _log.failure("Cannot start worker {index}", index=index)
+            self._retry(index, self.reactor.seconds())
 
     def listening_sockets(self) -> dict[str, tuple[int, int]]:
         """
@@ -631,30 +662,39 @@ class WorkerPool(Service):
             worker.end()
             return
         worker.end()
-        lived = self.reactor.seconds() - worker.started
-        if lived < STABLE_AFTER:
-            deaths = self._young_deaths.get(worker.index, 0) + 1
-        else:
-            deaths = 1
-        self._young_deaths[worker.index] = deaths
-        delay = min(MAX_RESTART_DELAY, 2.0 ** (deaths - 1))
+        delay = self._retry(worker.index, worker.started)
         _log.error(
             "Worker {index} (pid {pid}) ended unexpectedly ({how}) after "
             "{lived:.0f} s; starting another in {delay:g} s",
             index=worker.index,
             pid=worker.pid,
             how=how,
-            lived=lived,
+            lived=self.reactor.seconds() - worker.started,
             delay=delay,
         )
-        self._restarts[worker.index] = self.reactor.callLater(
-            delay, self._restart, worker.index
-        )
+
+    def _retry(self, index: int, started: float) -> float:
+        """
+        Start worker ``index`` again after a delay: 1 s, doubling up to
+        `MAX_RESTART_DELAY` while workers of that number die within
+        `STABLE_AFTER` seconds of their start.
+
+        Returns:
+            The delay, in seconds.
+        """
+        if self.reactor.seconds() - started < STABLE_AFTER:
+            deaths = self._young_deaths.get(index, 0) + 1
+        else:
+            deaths = 1
+        self._young_deaths[index] = deaths
+        delay = min(MAX_RESTART_DELAY, 2.0 ** (deaths - 1))
+        self._restarts[index] = self.reactor.callLater(delay, self._restart, index)
+        return delay
 
     def _restart(self, index: int) -> None:
         self._restarts.pop(index, None)
         if not self._stopping and self.running and index not in self.workers:
-            self.spawn(index)
+            self._start(index)
 
     # Reloads
 
