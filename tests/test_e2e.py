@@ -505,6 +505,10 @@ class StartTests(unittest.TestCase):
         server = self.start("--web", "--no-http")
         port = server.port("HTTPS web server")
         run_entry = self.root / "Run" / str(server.process.pid)
+        # The process lists itself as it starts, just after it binds.
+        end = time.monotonic() + DEADLINE
+        while not run_entry.exists() and time.monotonic() < end:
+            time.sleep(0.05)
         self.assertTrue(run_entry.exists())
 
         ca = root.load_local_ca(root.RootLayout(self.root))

@@ -6,21 +6,30 @@ expiry warnings.
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, LoopingCall
-from twisted.logger import LogLevel, capturedLogs
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from tests import support
-from twisted_tls4d import pki, reloader, root, service, settings
+from twisted_tls4d import clienttls, pki, reloader, revocation, root, service, settings
+from twisted_tls4d.app import wire
+from twisted_tls4d.app.protocol import AppServerFactory
 
 
 def _replace_web_certificate(layout: root.RootLayout, common_name: str) -> int:
@@ -340,3 +349,174 @@ class ReloadCommandTests(unittest.TestCase):
 
         layout = support.make_root()
         self.assertEqual(cli.main(["reload", "--root", str(layout.path)]), 1)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ResumingClient:
+    """
+    A pyOpenSSL client that offers the session of its previous connection,
+    as a returning client does, and tells whether the server resumed it.
+    """
+
+    def __init__(
+        self, version: int, identity: clienttls.ClientIdentity | None = None
+    ) -> None:
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        self.context.set_min_proto_version(version)
+        self.context.set_max_proto_version(version)
+        self.context.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+        if identity is not None:
+            self.context.use_certificate_file(str(identity.cert))
+            self.context.use_privatekey_file(str(identity.key))
+        self.connections: list[SSL.Connection] = []
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
+        connection = SSL.Connection(self.context, None)
+        if self.connections:
+            session = self.connections[-1].get_session()
+            assert session is not None
+            connection.set_session(session)
+        self.connections.append(connection)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the last connection resumed the session before it."""
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(self.connections[-1]._ssl))
+
+
+@implementer(IHandshakeListener)
+class _PingClient(Int32StringReceiver):
+    """Pings the application server once its handshake completes."""
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        self.sendString(wire.encode_payload({"id": 1, "op": "ping"}))
+
+    def stringReceived(self, string: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.answers.append(json.loads(string))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        pass
+
+
+_VERSIONS = {"TLS 1.2": SSL.TLS1_2_VERSION, "TLS 1.3": SSL.TLS1_3_VERSION}
+
+
+class ResumptionTests(unittest.TestCase):
+    """
+    A returning client resumes its session without a full handshake, until
+    a reload or the renewal of the session ticket keys; a client revoked
+    meanwhile cannot resume its way past the revocation.
+    """
+
+    def setUp(self) -> None:
+        self.layout = support.make_root()
+        self.top = _build(self.layout, Clock(), web=True, app=True)
+
+    def handshake(self, client: _ResumingClient, name: str = "https") -> None:
+        support.connect_in_memory(
+            Factory.forProtocol(Protocol), self.top.creators[name], Protocol(), client
+        )
+
+    def test_resumed(self) -> None:
+        """With TLS 1.2 and 1.3, the second connection resumes the first's session."""
+        for label, version in _VERSIONS.items():
+            client = _ResumingClient(version)
+            self.handshake(client)
+            self.assertFalse(client.resumed, label)
+            self.handshake(client)
+            self.assertTrue(client.resumed, label)
+
+    def test_reload_ends_sessions(self) -> None:
+        """After a reload, even of unchanged files, a session is not resumed."""
+        for label, version in _VERSIONS.items():
+            client = _ResumingClient(version)
+            self.handshake(client)
+            self.assertTrue(self.top.reload())
+            self.handshake(client)
+            self.assertFalse(client.resumed, label)
+            self.handshake(client)
+            self.assertTrue(client.resumed, label)
+
+    def test_key_renewal_ends_sessions(self) -> None:
+        """Renewing the session ticket keys ends the sessions, and logs it."""
+        client = _ResumingClient(SSL.TLS1_3_VERSION)
+        self.handshake(client)
+        identities = dict(self.top.identities)
+        with capturedLogs() as events:
+            self.assertTrue(self.top.rotate_session_keys())
+        self.handshake(client)
+        self.assertFalse(client.resumed)
+        self.assertEqual(self.top.identities, identities)
+        self.assertTrue(any("ticket keys" in e["log_format"] for e in events))
+
+    def test_key_renewal_scheduled(self) -> None:
+        """A started server renews its keys every SESSION_KEY_LIFETIME seconds."""
+        clock = MemoryReactorClock()
+        top = _build(self.layout, clock, web=True, no_http=True)
+        top.startService()
+        self.addCleanup(top.stopService)
+        client = _ResumingClient(SSL.TLS1_3_VERSION)
+        self.top = top
+        self.handshake(client)
+        clock.advance(service.SESSION_KEY_LIFETIME - 1)
+        self.handshake(client)
+        self.assertTrue(client.resumed)
+        clock.advance(1)
+        self.handshake(client)
+        self.assertFalse(client.resumed)
+
+    def ping(self, client: _ResumingClient) -> tuple[_PingClient, str]:
+        """Ping the application server as ``client``; return it and the log."""
+        clock = Clock()
+        pinger = _PingClient()
+        with capturedLogs() as events:
+            _, _, pump = support.connect_in_memory(
+                AppServerFactory(clock=clock),
+                self.top.creators["app"],
+                pinger,
+                client,
+                clock,
+            )
+            pump.flush()
+        return pinger, "\n".join(formatEvent(event) for event in events)
+
+    def test_mutual_resumed_with_identity(self) -> None:
+        """
+        A client of the application server resumes its session and is known
+        by the certificate it presented when the session began.
+        """
+        for label, version in _VERSIONS.items():
+            alice = support.make_client_identity(self.layout, "alice")
+            client = _ResumingClient(version, alice)
+            self.ping(client)
+            pinger, log = self.ping(client)
+            self.assertTrue(client.resumed, label)
+            self.assertEqual(pinger.answers, [{"id": 1, "result": "pong"}], label)
+            self.assertIn("authenticated as 'alice'", log)
+
+    def test_revoked_client_not_resumed(self) -> None:
+        """
+        After alice's certificate is revoked and the server reloaded, her
+        session is not resumed: a full handshake refuses her certificate.
+        """
+        for label, version in _VERSIONS.items():
+            alice = support.make_client_identity(self.layout, "alice")
+            client = _ResumingClient(version, alice)
+            self.ping(client)
+            self.ping(client)
+            self.assertTrue(client.resumed, label)
+            serial = pki.load_certificates(alice.cert)[0].serial_number
+            revocation.revoke(self.layout, [serial])
+            self.assertTrue(self.top.reload())
+            pinger, log = self.ping(client)
+            self.assertFalse(client.resumed, label)
+            self.assertEqual(pinger.answers, [], label)
+            self.assertIn("its certificate has been revoked", log)

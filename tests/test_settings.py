@@ -122,6 +122,24 @@ class ResolveTests(unittest.TestCase):
         )
         self.assertIn("sql-port 70000 is not a TCP port", str(e))
 
+    def test_workers(self) -> None:
+        """
+        workers comes from the file or the command line, 1 to 256; unset, it
+        is one per CPU this process may use.
+        """
+        root = _root_with("workers = 3\n")
+        self.assertEqual(settings.resolve({}, root).processes, 3)
+        self.assertEqual(settings.resolve({"workers": 1}, root).processes, 1)
+        unset = settings.resolve({}, _root_with(None))
+        self.assertIsNone(unset.workers)
+        self.assertEqual(unset.processes, settings.default_workers())
+        self.assertGreaterEqual(settings.default_workers(), 1)
+        for wrong in (0, 257):
+            e = self.assertRaises(
+                ConfigurationError, settings.resolve, {"workers": wrong}, root
+            )
+            self.assertIn(f"workers must be 1 to 256 processes; got {wrong}", str(e))
+
     def test_same_port_twice(self) -> None:
         """Two listeners on one port are refused; two on port 0 are fine."""
         self.assertRaises(

@@ -77,7 +77,7 @@ class BufferedLogFileTests(unittest.TestCase):
     def setUp(self) -> None:
         self.folder = support.temporary_folder("web-cache-")
         self.clock = task.Clock()
-        self.log = web.BufferedLogFile("a.log", str(self.folder), clock=self.clock)
+        self.log = web.BufferedLogFile(self.folder / "a.log", scheduler=self.clock)
         self.path = self.folder / "a.log"
 
     def test_within_a_second(self) -> None:

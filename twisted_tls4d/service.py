@@ -8,15 +8,16 @@ from __future__ import annotations
 import datetime
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -28,10 +29,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_tls4d import guard, pki, reloader, revocation, root, tls, web
 from twisted_tls4d.errors import Tls4dError
 from twisted_tls4d.settings import Settings
+
+if TYPE_CHECKING:
+    from twisted_tls4d.workers import WorkerPool
 
 _log = Logger()
 
@@ -65,6 +70,36 @@ def server_endpoint(
     if ":" in interface:
         return TCP6ServerEndpoint(reactor, port, interface=interface)
     return TCP4ServerEndpoint(reactor, port, interface=interface)
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class InheritedPortEndpoint:
+    """
+    A listening socket another process bound and handed down as a file
+    descriptor (the twistd process to its worker processes): `listen` serves
+    it, sharing its connections with every other process holding it.
+
+    Attributes:
+        reactor: The reactor.
+        fd: The descriptor of the listening socket.
+        family: Its address family (``socket.AF_INET`` or ``AF_INET6``).
+    """
+
+    reactor: Any
+    fd: int
+    family: int
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        """
+        Serve the inherited socket with ``factory``.
+
+        Returns:
+            A Deferred firing with the listening port.
+        """
+        return defer.execute(
+            self.reactor.adoptStreamPort, self.fd, self.family, factory
+        )
 
 
 def format_address(address: Any) -> str:
@@ -168,6 +203,28 @@ EXPIRY_WARNING_DAYS = 30
 #: How often served certificates are checked for expiry, in seconds.
 EXPIRY_CHECK_INTERVAL = 24 * 60 * 60
 
+#: How long a TLS context serves before it is built again with fresh session
+#: ticket keys and an empty session cache, in seconds; a reload also renews
+#: them. A client resumes a session only with the context that issued it.
+SESSION_KEY_LIFETIME = 12 * 60 * 60
+
+
+@attrs.frozen
+class TLSFiles:
+    """
+    What the TLS contexts are built from, as read from the root's files.
+
+    Attributes:
+        identities: The key and chain of each TLS listener, by name.
+        client_cas: The CAs of client certificates (``Resources/ca.pem``),
+            if a listener wants client certificates.
+        crl: The revocation list of the local CA, if any.
+    """
+
+    identities: Mapping[str, tls.ServerIdentity]
+    client_cas: list[x509.Certificate]
+    crl: x509.CertificateRevocationList | None
+
 
 @attrs.frozen
 class TLSListener:
@@ -219,6 +276,13 @@ class Tls4dService(MultiService):
         under_twistd: Set by twistd's ``makeService``: a listener that cannot
             bind ends the process, SIGHUP reloads, and the process is listed
             in ``ROOT/Run/`` for ``tls4d reload``.
+        factories: The server factory of each listener by name, inside its
+            TLS layer for the TLS listeners.
+        is_worker: A worker process (`twisted_tls4d.worker`): it serves
+            listening sockets the twistd process bound, and leaves the expiry
+            check, renewals, SIGHUP and ``ROOT/Run/`` to that process.
+        workers: In the twistd process, its worker processes, if any; a
+            reload reaches them too.
     """
 
     def __init__(
@@ -238,21 +302,25 @@ class Tls4dService(MultiService):
         self.identities: dict[str, tls.ServerIdentity] = {}
         self.on_identities: list[Callable[[dict[str, tls.ServerIdentity]], None]] = []
         self.under_twistd = False
+        self.is_worker = False
+        self.workers: WorkerPool | None = None
+        self.factories: dict[str, IProtocolFactory] = {}
         self.redirect: web.RedirectToHTTPS | None = None
         self._expiry_check: LoopingCall | None = None
+        self._key_rotation: LoopingCall | None = None
+        self._files: TLSFiles | None = None
         self._previous_sighup: Any = None
 
-    def build_contexts(
-        self,
-    ) -> dict[str, tuple[SSL.Context, tls.ServerIdentity]]:
+    def read_tls_files(self) -> TLSFiles:
         """
-        Read every listener's files and build its context.
+        Read every listener's key and chain, and the client CAs and
+        revocation list if a listener wants client certificates.
 
         Returns:
-            The new context and identity of each TLS listener, by name.
+            What was read.
 
         Raises:
-            Tls4dError: A key, certificate, CA or DH file cannot be used.
+            Tls4dError: A key, certificate or CA file cannot be used.
         """
         client_cas: list[x509.Certificate] = []
         crl: x509.CertificateRevocationList | None = None
@@ -268,12 +336,13 @@ class Tls4dService(MultiService):
         tls.warn_if_exposed(self.layout.ca_key)
         suites = tls.tls12_suites(self.policy.ciphers)
         identities: dict[Path, tls.ServerIdentity] = {}
-        built = {}
+        served = {}
         for listener in self.listeners:
             identity = identities.get(listener.cert_path)
             if identity is None:
                 identity = tls.load_identity(listener.cert_path, listener.key_path)
                 identities[listener.cert_path] = identity
+            served[listener.name] = identity
             if self.policy.min_version == "1.2" and not tls.suites_for_key(
                 suites, identity.key
             ):
@@ -287,16 +356,40 @@ class Tls4dService(MultiService):
                     else "ECDSA",
                     path=str(identity.cert_path),
                 )
+        return TLSFiles(served, client_cas, crl)
+
+    def build_contexts(
+        self, files: TLSFiles | None = None
+    ) -> dict[str, tuple[SSL.Context, tls.ServerIdentity]]:
+        """
+        Build every listener's context, each with its own new session cache
+        and session ticket keys.
+
+        Args:
+            files: What to build them from; read from the root now if None.
+
+        Returns:
+            The new context and identity of each TLS listener, by name.
+
+        Raises:
+            Tls4dError: A key, certificate, CA or DH file cannot be used.
+        """
+        if files is None:
+            files = self.read_tls_files()
+        built = {}
+        for listener in self.listeners:
+            identity = files.identities[listener.name]
             # The web server's protocol cannot see failed handshakes; the
             # others log them with the verification error that caused them.
             context = tls.build_context(
                 self.policy,
                 identity,
-                client_cas if listener.mutual else (),
+                files.client_cas if listener.mutual else (),
                 log_alerts_as=None if listener.mutual else listener.label,
-                crl=crl if listener.mutual else None,
+                crl=files.crl if listener.mutual else None,
                 alpn=listener.alpn,
                 require_client_certificate=listener.client_certificate_required,
+                session_id=listener.name.encode("ascii"),
             )
             built[listener.name] = (context, identity)
         return built
@@ -308,7 +401,9 @@ class Tls4dService(MultiService):
         Raises:
             Tls4dError: A key, certificate, CA or DH file cannot be used.
         """
-        built = self.build_contexts()
+        files = self.read_tls_files()
+        built = self.build_contexts(files)
+        self._files = files
         for name, (context, _) in built.items():
             self.creators[name] = tls.ServerConnectionCreator(context)
         self._took({name: identity for name, (_, identity) in built.items()})
@@ -316,27 +411,78 @@ class Tls4dService(MultiService):
     def reload(self) -> bool:
         """
         Read keys, certificates, ``dhparams.pem``, ``Resources/ca.pem`` and
-        ``Resources/crl.pem`` again and serve new connections with them.
+        ``Resources/crl.pem`` again and serve new connections with them; in
+        the twistd process, have every worker process do the same.
+
+        Sessions established before cannot be resumed afterwards: each new
+        context has its own session cache and ticket keys, so a client whose
+        certificate was revoked meanwhile goes through a full handshake and
+        its certificate is checked again.
 
         Returns:
-            Whether the new files were taken; if any is broken, the
-            configuration in force stays, and the reason is logged.
+            Whether the new files were taken here; if any is broken, the
+            configuration in force stays (in every process), and the reason is
+            logged.
         """
         _log.info(
             "Reloading keys and certificates of {root}", root=str(self.layout.path)
         )
+        if not self.reload_tls():
+            return False
+        if self.workers is not None and self.workers.serving():
+            # The pool logs "Reload done" once every worker has reloaded.
+            self.workers.reload()
+        else:
+            _log.info("Reload done: new connections get the files read now")
+        return True
+
+    def reload_tls(self) -> bool:
+        """
+        Read the files and build every context again, in this process only.
+
+        Returns:
+            Whether the new files were taken; if any is broken, the contexts
+            in force stay, and the reason is logged.
+        """
         try:
-            built = self.build_contexts()
+            files = self.read_tls_files()
+            built = self.build_contexts(files)
         except (Tls4dError, SSL.Error, OSError) as e:
             _log.error(
                 "Reload failed, the servers keep the configuration they had: {error}",
                 error=str(e),
             )
             return False
+        self._files = files
         for name, (context, _) in built.items():
             self.creators[name].replace(context)
         self._took({name: identity for name, (_, identity) in built.items()})
-        _log.info("Reload done: new connections get the files read now")
+        return True
+
+    def rotate_session_keys(self) -> bool:
+        """
+        Build every context again from the keys and certificates in force,
+        without reading the files: new session ticket keys and an empty
+        session cache, so that no session outlives `SESSION_KEY_LIFETIME`.
+
+        Returns:
+            Whether the contexts were replaced; if building one fails (the DH
+            parameters file became unusable), the old ones stay and the
+            reason is logged.
+        """
+        if self._files is None:
+            return False
+        try:
+            built = self.build_contexts(self._files)
+        except (Tls4dError, SSL.Error, OSError) as e:
+            _log.error(
+                "Cannot renew the TLS session ticket keys, the old ones stay: {error}",
+                error=str(e),
+            )
+            return False
+        for name, (context, _) in built.items():
+            self.creators[name].replace(context)
+        _log.info("Renewed the TLS session ticket keys; earlier sessions end")
         return True
 
     def _took(self, identities: dict[str, tls.ServerIdentity]) -> None:
@@ -405,10 +551,17 @@ class Tls4dService(MultiService):
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         """
-        Start listening and checking expiry daily; under twistd, also reload
-        on SIGHUP and list this process in ``ROOT/Run/``.
+        Start listening, checking expiry daily and renewing session ticket
+        keys every `SESSION_KEY_LIFETIME`; under twistd, also reload on
+        SIGHUP and list this process in ``ROOT/Run/``. A worker process only
+        listens and renews its keys.
         """
         super().startService()
+        self._key_rotation = LoopingCall(self.rotate_session_keys)
+        self._key_rotation.clock = self.clock
+        self._key_rotation.start(SESSION_KEY_LIFETIME, now=False)
+        if self.is_worker:
+            return
         self._expiry_check = LoopingCall(self.check_expiry)
         self._expiry_check.clock = self.clock
         self._expiry_check.start(EXPIRY_CHECK_INTERVAL, now=True)
@@ -418,11 +571,12 @@ class Tls4dService(MultiService):
 
     def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
         """
-        Stop the expiry check, SIGHUP handling and listeners.
+        Stop the expiry check, key renewal, SIGHUP handling and listeners.
         """
-        if self._expiry_check is not None and self._expiry_check.running:
-            self._expiry_check.stop()
-        if self.under_twistd:
+        for timer in (self._expiry_check, self._key_rotation):
+            if timer is not None and timer.running:
+                timer.stop()
+        if self.under_twistd and not self.is_worker:
             signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
             reloader.unregister(self.layout)
         return super().stopService()
@@ -440,7 +594,11 @@ class Tls4dService(MultiService):
         return child
 
 
-def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
+def build_service(
+    settings: Settings,
+    reactor: Any = None,
+    inherited: Mapping[str, tuple[int, int]] | None = None,
+) -> Tls4dService:
     """
     Build the servers the settings ask for: bootstrap the root, load keys and
     certificates, build the TLS contexts, and prepare each listener.
@@ -448,6 +606,9 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
     Args:
         settings: Checked settings.
         reactor: The reactor; the global one if None.
+        inherited: For a worker process: the listening socket of each
+            listener by name, as a file descriptor and its address family,
+            bound by the twistd process, which also bootstrapped the root.
 
     Returns:
         A service whose start binds every listener.
@@ -462,7 +623,8 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         reactor = global_reactor
 
     layout = root.RootLayout(settings.root)
-    root.bootstrap(layout)
+    if inherited is None:
+        root.bootstrap(layout)
     policy = tls.TLSPolicy(
         min_version=settings.min_tls,
         ciphers=settings.ciphers or tls.DEFAULT_CIPHERS,
@@ -475,12 +637,17 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         ciphers=":".join(tls.tls12_suites(policy.ciphers)),
     )
     top = Tls4dService(settings, layout, policy, reactor)
+    top.is_worker = inherited is not None
     tls_factories: dict[str, tuple[IProtocolFactory, int, dict[str, Any]]] = {}
 
     def add(
         name: str, label: str, port: int, factory: IProtocolFactory, **kw: Any
     ) -> None:
-        endpoint = server_endpoint(reactor, settings.interface, port)
+        endpoint: IStreamServerEndpoint
+        if inherited is not None:
+            endpoint = InheritedPortEndpoint(reactor, *inherited[name])
+        else:
+            endpoint = server_endpoint(reactor, settings.interface, port)
         service = ListenerService(
             label, endpoint, factory, port_option=f"--{name}-port", **kw
         )
@@ -491,6 +658,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         listener: TLSListener, port: int, factory: IProtocolFactory, **kw: Any
     ) -> None:
         top.listeners.append(listener)
+        top.factories[listener.name] = factory
         tls_factories[listener.name] = (factory, port, kw)
 
     redirect: web.RedirectToHTTPS | None = None
@@ -640,6 +808,7 @@ def build_service(settings: Settings, reactor: Any = None) -> Tls4dService:
         )
         add(listener.name, listener.label, port, outer, **kw)
         if listener.name == "https" and http_site is not None and not settings.no_http:
+            top.factories["http"] = http_site
             add("http", "HTTP web server", settings.http_port, http_site)
     guard.warn_if_few_files(len(list(top)), guard.limits_from(settings))
     return top

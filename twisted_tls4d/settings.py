@@ -7,6 +7,7 @@ file.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -36,6 +37,27 @@ def add_root_option(parser: argparse.ArgumentParser) -> None:
 
 #: The servers tls4d runs; with none chosen, all of them.
 SERVERS = ("web", "app", "sql")
+
+#: The most server processes ``workers`` may ask for.
+MAX_WORKERS = 256
+
+
+def default_workers() -> int:
+    """
+    Returns:
+        How many server processes run when ``workers`` is not set: one for
+        each CPU this process may run on (its affinity mask where the system
+        tells it, else the machine's CPUs), at least one.
+    """
+    if os.name != "posix":
+        return 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            return max(1, len(affinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
 
 
 def _redacted(url: str | None) -> str:
@@ -127,6 +149,9 @@ class Settings:
         app_name: The application server's name in its hello answer; the
             machine's host name if None.
         app_no_sql: Refuse the application server's ``sql`` op to clients.
+        workers: How many processes share the listening sockets (the twistd
+            process and ``workers - 1`` worker processes it starts); one for
+            each CPU (`default_workers`) if None.
     """
 
     root: Path = DEFAULT_ROOT
@@ -169,6 +194,14 @@ class Settings:
     app_allow: tuple[str, ...] | None = attrs.field(default=None, converter=_names)
     app_name: str | None = None
     app_no_sql: bool = False
+    workers: int | None = None
+
+    @property
+    def processes(self) -> int:
+        """
+        How many processes serve: ``workers``, or `default_workers` if unset.
+        """
+        return self.workers if self.workers is not None else default_workers()
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -212,6 +245,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "app_allow": (str, list),
     "app_name": (str,),
     "app_no_sql": (bool,),
+    "workers": (int,),
 }
 
 
@@ -318,8 +352,8 @@ def check(settings: Settings) -> None:
         settings: The settings.
 
     Raises:
-        ConfigurationError: A port, size, age or timeout is out of range, or
-            the same port is used twice.
+        ConfigurationError: A port, size, age, timeout or the number of
+            workers is out of range, or the same port is used twice.
     """
     ports = {
         "https-port": settings.https_port,
@@ -378,6 +412,30 @@ def check(settings: Settings) -> None:
         raise ConfigurationError(msg)
     _check_app(settings)
     _check_web(settings)
+    _check_workers(settings)
+
+
+def _check_workers(settings: Settings) -> None:
+    """
+    Raises:
+        ConfigurationError: ``workers`` is out of range, or over 1 where
+            processes cannot inherit sockets (not POSIX).
+    """
+    workers = settings.workers
+    if workers is None:
+        return
+    if not 1 <= workers <= MAX_WORKERS:
+        msg = (
+            f"workers must be 1 to {MAX_WORKERS} processes; got {workers} "
+            f"(leave it unset for one per CPU, {default_workers()} here)."
+        )
+        raise ConfigurationError(msg)
+    if workers > 1 and os.name != "posix":
+        msg = (
+            f"workers {workers} needs a POSIX system, where worker processes "
+            "can inherit the listening sockets; use workers = 1 here."
+        )
+        raise ConfigurationError(msg)
 
 
 #: The shortest HSTS max-age browsers' preload lists accept (one year).

@@ -180,7 +180,8 @@ class Options(usage.Options):
             None,
             None,
             "Most connections each listener (HTTPS, HTTP, application, SQL) "
-            "holds open; more are closed as soon as they are accepted "
+            "holds open in each process (see --workers); more are closed as "
+            "soon as they are accepted "
             f"[default: {_DEFAULTS.max_connections}].",
             int,
         ],
@@ -300,6 +301,16 @@ class Options(usage.Options):
             "[default: every client its CA certified].",
         ],
         [
+            "workers",
+            None,
+            None,
+            "Processes that serve: this one and N-1 worker processes sharing "
+            "its listening sockets, so that every CPU serves; limits such as "
+            "--max-connections hold in each process [default: one per CPU, "
+            f"{settings_module.default_workers()} here].",
+            int,
+        ],
+        [
             "app-name",
             None,
             None,
@@ -370,4 +381,8 @@ def makeService(options: Options) -> IService:  # noqa: N802 (Twisted's name)
         print(f"tls4d cannot start: {e.filename or ''}: {e.strerror}.", file=sys.stderr)
         raise SystemExit(1) from e
     service.under_twistd = True
+    if options.settings.processes > 1:
+        from twisted_tls4d.workers import WorkerPool
+
+        WorkerPool(service, options.settings.processes - 1).setServiceParent(service)
     return service

@@ -10,9 +10,11 @@ is bounded by the guard of every listener (`twisted_tls4d.guard`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat as stat_module
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from service_identity.cryptography import (
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
-from twisted.python import logfile, reflect
+from twisted.python import reflect
 from twisted.web import http, resource, server, static
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -50,6 +52,10 @@ KNOWN_PATHS = 4096
 
 #: The most bytes of small files kept in memory at once.
 SMALL_FILE_CACHE_BYTES = 16 * 1024 * 1024
+
+#: How often, in seconds, an access log checks whether it is due for
+#: rotation or another process rotated it.
+ACCESS_LOG_CHECK_INTERVAL = 1.0
 
 #: Header names an operator may not set with ``--add-header``: HSTS has its
 #: own options (and must never go over plain HTTP), and the others belong to
@@ -785,63 +791,6 @@ def access_log_line(timestamp: str, request: IRequest) -> str:
     )
 
 
-class BufferedLogFile(logfile.LogFile):
-    """
-    A rotated log file that gathers lines in memory and writes them at most
-    a second later, or at once past `flush_size` bytes, instead of one write
-    per line; closing it writes what it holds.
-
-    Attributes:
-        clock: Schedules the delayed write.
-        flush_delay: Seconds a line may wait.
-        flush_size: Bytes that are written at once.
-    """
-
-    flush_delay = 1.0
-    flush_size = 64 * 1024
-
-    def __init__(self, *args: Any, clock: Any, **kwargs: Any) -> None:
-        self.clock = clock
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._delayed: Any = None
-        super().__init__(*args, **kwargs)
-
-    def write(self, data: str | bytes) -> None:
-        """
-        Keep ``data`` for the next write to the file.
-        """
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size >= self.flush_size:
-            self.write_pending()
-        elif self._delayed is None:
-            self._delayed = self.clock.callLater(self.flush_delay, self.write_pending)
-
-    def write_pending(self) -> None:
-        """
-        Write the lines held in memory to the file.
-        """
-        if self._delayed is not None:
-            if self._delayed.active():
-                self._delayed.cancel()
-            self._delayed = None
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending = []
-            self._pending_size = 0
-            super().write(data)
-
-    def close(self) -> None:
-        """
-        Write what is held, then close the file.
-        """
-        self.write_pending()
-        super().close()
-
-
 class WebSite(server.Site):
     """
     A site that adds fixed headers to every answer (HSTS over HTTPS, the
@@ -918,15 +867,203 @@ class WebSite(server.Site):
             rotated at `ACCESS_LOG_ROTATE_LENGTH` bytes with `ACCESS_LOG_KEPT`
             old files kept (``access.log.1`` the newest).
         """
-        name = os.fsdecode(path)
-        return BufferedLogFile(
-            os.path.basename(name),
-            os.path.dirname(name),
-            rotateLength=ACCESS_LOG_ROTATE_LENGTH,
-            defaultMode=0o640,
-            maxRotatedFiles=ACCESS_LOG_KEPT,
-            clock=self.reactor,
-        )
+        return BufferedLogFile(Path(os.fsdecode(path)), scheduler=self.reactor)
+
+
+class AccessLogFile:
+    """
+    An access log that several processes append to at once: the twistd
+    process and its workers (``--workers``). Each line is one append, so
+    lines of different processes never mix; the process that finds the file
+    at `ACCESS_LOG_ROTATE_LENGTH` bytes or more rotates it (``name.1`` the
+    newest, `ACCESS_LOG_KEPT` kept) while holding a lock on it, and every
+    process follows to the new file within `ACCESS_LOG_CHECK_INTERVAL`
+    seconds, as after an outside rotation (logrotate).
+
+    Attributes:
+        path: The log file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        rotate_length: int = ACCESS_LOG_ROTATE_LENGTH,
+        kept: int = ACCESS_LOG_KEPT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        Args:
+            path: The log file; created (mode 0640) if missing.
+            rotate_length: The size in bytes at which it is rotated.
+            kept: How many rotated files are kept.
+            clock: Seconds, for the checks' interval.
+
+        Raises:
+            OSError: The file cannot be opened for appending.
+        """
+        self.path = path
+        self._rotate_length = rotate_length
+        self._kept = kept
+        self._clock = clock
+        self._fd = self._open()
+        self._checked = clock()
+
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            return os.open(self.path, flags)
+        os.fchmod(fd, 0o640)
+        return fd
+
+    def write(self, data: bytes | str) -> None:
+        """
+        Append ``data`` (one or more whole lines) to the log.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        now = self._clock()
+        if now - self._checked >= ACCESS_LOG_CHECK_INTERVAL:
+            self._checked = now
+            self._follow()
+        os.write(self._fd, data)
+
+    def _follow(self) -> None:
+        """
+        Rotate the file if it is due, or reopen it if another process (or an
+        outside tool) moved it away.
+        """
+        if os.fstat(self._fd).st_size >= self._rotate_length:
+            self._rotate()
+            return
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            self._reopen()
+            return
+        mine = os.fstat(self._fd)
+        if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+            self._reopen()
+
+    def _rotate(self) -> None:
+        """
+        Under an exclusive lock on the file, shift the rotated files by one
+        and move the file to ``name.1``, unless another process already did;
+        then write to the file now at `path`.
+        """
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(self._fd)
+            if current is not None and (current.st_dev, current.st_ino) == (
+                mine.st_dev,
+                mine.st_ino,
+            ):
+                for number in range(self._kept - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{number}")
+                    if older.exists():
+                        older.rename(older.with_name(f"{self.path.name}.{number + 1}"))
+                self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        fd = self._open()
+        os.close(self._fd)
+        self._fd = fd
+
+    def flush(self) -> None:
+        """
+        Nothing to do: every write reaches the file at once.
+        """
+
+    def close(self) -> None:
+        """
+        Close the file.
+        """
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class BufferedLogFile(AccessLogFile):
+    """
+    An `AccessLogFile` that gathers lines in memory and appends them at most
+    `flush_delay` seconds later, or at once past `flush_size` bytes, in one
+    write of whole lines, instead of one write per line; closing it writes
+    what it holds.
+
+    Attributes:
+        scheduler: Schedules the delayed write (the reactor).
+        flush_delay: Seconds a line may wait.
+        flush_size: Bytes that are written at once.
+    """
+
+    flush_delay = 1.0
+    flush_size = 64 * 1024
+
+    def __init__(self, path: Path, *, scheduler: Any, **kwargs: Any) -> None:
+        """
+        Args:
+            path: The log file, as for `AccessLogFile`.
+            scheduler: An `IReactorTime` for the delayed write.
+            kwargs: The other arguments of `AccessLogFile`.
+
+        Raises:
+            OSError: The file cannot be opened for appending.
+        """
+        self.scheduler = scheduler
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._delayed: Any = None
+        super().__init__(path, **kwargs)
+
+    def write(self, data: bytes | str) -> None:
+        """
+        Keep ``data`` (whole lines) for the next write to the file.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self.flush_size:
+            self.write_pending()
+        elif self._delayed is None:
+            self._delayed = self.scheduler.callLater(
+                self.flush_delay, self.write_pending
+            )
+
+    def write_pending(self) -> None:
+        """
+        Append the lines held in memory to the file.
+        """
+        if self._delayed is not None:
+            if self._delayed.active():
+                self._delayed.cancel()
+            self._delayed = None
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending = []
+            self._pending_size = 0
+            super().write(data)
+
+    def flush(self) -> None:
+        """
+        Write what is held.
+        """
+        self.write_pending()
+
+    def close(self) -> None:
+        """
+        Write what is held, then close the file.
+        """
+        self.write_pending()
+        super().close()
 
 
 def load_wsgi_application(name: str) -> Callable[..., Any]:

@@ -116,7 +116,8 @@ class Connection:
         ``topic``.
 
         Returns:
-            How many connections it was sent to.
+            How many connections of this server process it was sent to
+            (those of the other processes, with ``--workers``, get it too).
         """
         raise NotImplementedError
 
@@ -167,7 +168,9 @@ class Request:
             data: Any value JSON can express.
 
         Returns:
-            How many connections it was sent to.
+            How many connections of this server process it was sent to; with
+            ``--workers``, the subscribers of the other processes get it too,
+            uncounted (the ``notify`` op waits for their count).
 
         Raises:
             AppError: The topic is not a valid name, or the notification is

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import socket
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -841,13 +841,17 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
             self.factory.unsubscribe(self, topic)
         return {"topics": sorted(self._subscriptions)}
 
-    def _op_notify(self, request: Request) -> dict[str, int]:
+    def _op_notify(self, request: Request) -> dict[str, int] | Deferred[dict[str, int]]:
         """
-        Send a notification to the other connections subscribed to a topic.
+        Send a notification to the other connections subscribed to a topic,
+        in every server process, and answer how many it reached.
         """
         _refuse_extra(request.op, request.args, ("topic", "data"))
         topic = _topic_of(request.args)
-        return {"delivered": self.notify(topic, request.args.get("data"))}
+        here, elsewhere = self.publish(topic, request.args.get("data"))
+        if elsewhere is None:
+            return {"delivered": here}
+        return elsewhere.addCallback(lambda there: {"delivered": here + there})
 
     def _op_sql(self, request: Request) -> Deferred[dict[str, Any]]:
         """
@@ -872,11 +876,29 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
     def notify(self, topic: str, data: Any) -> int:
         """
         Send a notification event to every other connection subscribed to
-        ``topic``. A connection whose answers pile up unread does not get it;
-        the next one it gets counts those it missed.
+        ``topic``, in this process and, through the factory's relay, in the
+        other server processes. A connection whose answers pile up unread
+        does not get it; the next one it gets counts those it missed.
 
         Returns:
-            How many connections it was sent to.
+            How many connections of this process it was sent to.
+
+        Raises:
+            AppError: The event would be over the frame size limit
+                (``invalid_args``), or ``data`` cannot be encoded as JSON.
+        """
+        here, elsewhere = self.publish(topic, data)
+        if elsewhere is not None:
+            elsewhere.addErrback(lambda _: 0)
+        return here
+
+    def publish(self, topic: str, data: Any) -> tuple[int, Deferred[int] | None]:
+        """
+        Send a notification event as `notify` does.
+
+        Returns:
+            How many connections of this process it was sent to, and, with a
+            relay to other server processes, a Deferred of how many of theirs.
 
         Raises:
             AppError: The event would be over the frame size limit
@@ -901,11 +923,11 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
                 "bytes; send less data."
             )
             raise AppError(INVALID_ARGS, msg)
-        delivered = 0
-        for subscriber in self.factory.subscribers(topic):
-            if subscriber is not self and subscriber.send_event(event, payload):
-                delivered += 1
-        return delivered
+        here = self.factory.deliver(topic, event, payload, sender=self)
+        relay = self.factory.relay
+        if relay is None:
+            return here, None
+        return here, relay.publish(topic, payload)
 
     def send_event(self, event: Mapping[str, Any], payload: bytes) -> bool:
         """
@@ -947,6 +969,23 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         return self._sql.execute(statement, parameters, self.factory.max_frame_size)
 
 
+class NotificationRelay(Protocol):
+    """
+    Carries notifications to the application server's other processes
+    (``--workers``), whose factories `AppServerFactory.deliver` them.
+    """
+
+    def publish(self, topic: str, payload: bytes) -> Deferred[int]:
+        """
+        Deliver an encoded notification event to the subscribers of
+        ``topic`` in the other processes.
+
+        Returns:
+            A Deferred firing with how many connections it reached there;
+            never failing.
+        """
+
+
 class AppServerFactory(Factory):
     """
     Makes the application server's protocol for each accepted connection,
@@ -960,6 +999,8 @@ class AppServerFactory(Factory):
             the application's.
         connections: The authenticated connections.
         stopped: Whether the factory stopped (its port stopped listening).
+        relay: Where notifications go to reach the subscribers of the other
+            server processes; None when this process serves alone.
     """
 
     protocol = AppServerProtocol  # type: ignore[assignment]
@@ -1055,6 +1096,7 @@ class AppServerFactory(Factory):
         self.connections: set[AppServerProtocol] = set()
         self._topics: dict[str, set[AppServerProtocol]] = {}
         self.stopped = False
+        self.relay: NotificationRelay | None = None
 
     def app_ops(self) -> list[str]:
         """
@@ -1133,3 +1175,36 @@ class AppServerFactory(Factory):
             The connections subscribed to ``topic``.
         """
         return list(self._topics.get(topic, ()))
+
+    def deliver(
+        self,
+        topic: str,
+        event: Mapping[str, Any] | None,
+        payload: bytes,
+        sender: AppServerProtocol | None = None,
+    ) -> int:
+        """
+        Send a notification event to this process's connections subscribed
+        to ``topic``, but not to its sender.
+
+        Args:
+            topic: The topic.
+            event: The event; decoded from ``payload`` if None (an event
+                relayed from another process).
+            payload: The event encoded.
+            sender: The connection that sent it, if it is one of this
+                process's.
+
+        Returns:
+            How many connections it was sent to.
+        """
+        subscribers = self._topics.get(topic)
+        if not subscribers:
+            return 0
+        if event is None:
+            event = decode_payload(payload)
+        delivered = 0
+        for subscriber in list(subscribers):
+            if subscriber is not sender and subscriber.send_event(event, payload):
+                delivered += 1
+        return delivered
