@@ -245,7 +245,10 @@ class HalfOpenTests(_ServerCase):
     handshake (or idle) timeout.
     """
 
+    # One process: the limits count in each process (--workers).
     arguments = (
+        "--workers",
+        "1",
         "--handshake-timeout",
         str(HANDSHAKE_TIMEOUT),
         "--web-idle-timeout",
@@ -303,7 +306,7 @@ class NeverReadingTests(_ServerCase):
     off once they pile up past --max-unsent, and the server serves others.
     """
 
-    arguments = ("--max-unsent", "1000000")
+    arguments = ("--workers", "1", "--max-unsent", "1000000")
 
     def test_never_reading_sql_client(self) -> None:
         """An SQL client that never reads is cut off; others are served meanwhile."""
