@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import support
@@ -742,6 +743,40 @@ class SQLServerLineProperties(SynchronousTestCase):
         protocol.dataReceived(b"".join(lines))
         self.assertEqual(self.messages(transport), [])
         self.assert_still_serves(protocol, transport)
+
+    @bounded(40)
+    @given(
+        st.text(
+            st.characters(codec="utf-8", exclude_characters="'\"\n\r\x00"),
+            min_size=4,
+            max_size=12,
+        ).filter(str.strip),
+        st.sampled_from(
+            [
+                "SELECT '{v}' '{v}' '{v}'",
+                "SELECT * FROM nowhere WHERE a = '{v}'",
+                "SELECT '{v}",
+                "INSERT INTO nowhere VALUES ('{v}')",
+                "SELECT '{v}'; SELECT 2",
+                "SELECT x'{v}'",
+            ]
+        ),
+    )
+    def test_failures_logged_without_literals(self, value: str, template: str) -> None:
+        """
+        A failed statement is logged with the database's message but not
+        the string literals of the statement, which SQLite quotes back.
+        """
+        value = "v-" + value
+        protocol, transport = self.serve()
+        with capturedLogs() as events:
+            protocol.dataReceived(template.format(v=value).encode() + b"\n")
+        [status] = self.statuses(self.messages(transport))
+        self.assertIs(status["ok"], False)
+        [failed] = [e for e in events if "failed: {error}" in e["log_format"]]
+        self.assertNotIn(value, failed["error"])
+        self.assertNotIn(value, formatEvent(failed))
+        self.assertTrue(failed["error"])
 
     @bounded(80)
     @given(st.lists(st.binary(max_size=60), min_size=1, max_size=5))
