@@ -208,9 +208,11 @@ class _FrameClient(Int32StringReceiver):
         self.lost: Failure | None = None
 
     def stringReceived(self, string: bytes) -> None:  # noqa: N802
+        """Keep a frame."""
         self.payloads.append(string)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        """Keep why the connection ended."""
         self.lost = reason
 
 
@@ -228,9 +230,11 @@ class _LineClient(LineReceiver):
         self.lost: Failure | None = None
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        """Keep a line."""
         self.lines.append(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        """Keep why the connection ended."""
         self.lost = reason
 
 

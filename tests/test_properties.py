@@ -117,6 +117,10 @@ def _nested(depth: int, opener: str) -> bytes:
 
 
 def _frame(payload: bytes) -> bytes:
+    """
+    Returns:
+        ``payload`` behind its 4-byte length header.
+    """
     return app_wire.HEADER.pack(len(payload)) + payload
 
 
@@ -388,6 +392,32 @@ class AppServerFramingProperties(SynchronousTestCase):
         assert_well_formed_answer(self, answer)
         self.assert_still_serves(protocol, transport)
 
+    @bounded(40)
+    @given(
+        st.sampled_from(
+            [0, 1, app_wire.MAX_TOPIC_LENGTH, app_wire.MAX_TOPIC_LENGTH + 1, 10_000]
+        ),
+        st.sampled_from(["subscribe", "unsubscribe", "notify"]),
+    )
+    def test_topic_lengths_at_and_past_the_limit(self, length: int, op: str) -> None:
+        """
+        A topic of 1 to MAX_TOPIC_LENGTH characters is taken; an empty or a
+        longer one gets invalid_args, and the connection goes on.
+        """
+        protocol, transport = self.serve()
+        hello = {"id": 0, "op": "hello", "args": {"version": 1}}
+        request = {"id": 1, "op": op, "args": {"topic": "t" * length}}
+        protocol.dataReceived(
+            app_wire.encode_frame(hello) + app_wire.encode_frame(request)
+        )
+        [_, answer] = _frames_of(transport.value())
+        if 1 <= length <= app_wire.MAX_TOPIC_LENGTH:
+            self.assertIn("result", answer)
+        else:
+            self.assertEqual(answer["error"]["code"], app_wire.INVALID_ARGS)
+            self.assertIn(str(app_wire.MAX_TOPIC_LENGTH), answer["error"]["message"])
+        self.assert_still_serves(protocol, transport)
+
     @bounded(80)
     @given(st.lists(st.binary(max_size=40), min_size=1, max_size=5))
     def test_arbitrary_payloads(self, payloads: list[bytes]) -> None:
@@ -603,6 +633,11 @@ class SQLServerLineProperties(SynchronousTestCase):
         self.assertEqual(self.messages(transport)[1:], [[1], self.ok(1)])
 
     def ok(self, rows: int) -> dict[str, Any]:
+        """
+        Returns:
+            The status of a statement that succeeded with ``rows`` rows
+            outside a transaction.
+        """
         return {"ok": True, "rows": rows, "in_transaction": False}
 
     @bounded(60)
@@ -915,6 +950,7 @@ class PEMProperties(SynchronousTestCase):
         """
 
         def mixed(data: bytes) -> bytes:
+            """Give each line of ``data`` the next of the line ends, in turn."""
             lines = data.splitlines()
             return b"".join(
                 line + endings[i % len(endings)] for i, line in enumerate(lines)
