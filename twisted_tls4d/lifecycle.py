@@ -917,13 +917,15 @@ def _pem_certificates(path: Path, data: bytes) -> list[x509.Certificate]:
 
 def _der_certificate(path: Path, data: bytes) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(data)
-    except ValueError as e:
+        certificate = x509.load_der_x509_certificate(data)
+    except (ValueError, x509.InvalidVersion) as e:
         msg = (
             f"{path} is neither a PEM nor a DER certificate, nor a PKCS#12 file "
             "(.pfx, .p12); give the certificate file the CA sent."
         )
         raise PEMError(msg) from e
+    pki.check_readable(path, certificate)
+    return certificate
 
 
 def _looks_like_pkcs12(data: bytes) -> bool:
@@ -973,6 +975,9 @@ def _load_pkcs12(
         msg = f"{path} holds a {type(key).__name__}; use an ECDSA or RSA key."
         raise PEMError(msg)
     others = [c.certificate for c in bundle.additional_certs]
+    held = [bundle.cert.certificate] if bundle.cert is not None else []
+    for number, certificate in enumerate(held + others, 1):
+        pki.check_readable(path, certificate, number)
     if bundle.cert is not None:
         leaf = bundle.cert.certificate
     else:
@@ -1013,6 +1018,8 @@ def _decode_key(
     data: bytes, path: Path, passphrase: PassphraseSource | None
 ) -> pki.PrivateKey:
     pem = b"-----BEGIN" in data
+    if pem:
+        pki.check_one_private_key(path, data)
     loader = (
         serialization.load_pem_private_key
         if pem

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,11 @@ YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
 ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 -----END DH PARAMETERS-----
 """
+
+
+#: The line that opens a PEM private key of any form (PKCS#8, encrypted
+#: PKCS#8, PKCS#1, SEC1).
+_PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 @attrs.frozen
@@ -232,10 +238,11 @@ def load_certificates(
         text: Its content if already read with `read_pem`.
 
     Returns:
-        At least one certificate.
+        At least one certificate, each checked readable (`check_readable`).
 
     Raises:
-        PEMError: The file cannot be read or holds no valid certificate.
+        PEMError: The file cannot be read, holds no valid certificate, or
+            holds one damaged in a part read only on use.
     """
     data = (text or read_pem(path)).data
     if b"-----BEGIN CERTIFICATE-----" not in data:
@@ -245,9 +252,48 @@ def load_certificates(
         )
         raise PEMError(msg)
     try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
+        certificates = x509.load_pem_x509_certificates(data)
+    except (ValueError, x509.InvalidVersion) as e:
         msg = f"{path} holds a malformed certificate: {e}."
+        raise PEMError(msg) from e
+    for number, certificate in enumerate(certificates, 1):
+        check_readable(path, certificate, number)
+    return certificates
+
+
+def check_readable(path: Path, certificate: x509.Certificate, number: int = 1) -> None:
+    """
+    Read the parts of a certificate that cryptography parses only when they
+    are used (names, extensions, public key), so that damage there is found
+    as the file is loaded rather than as a stray exception later.
+
+    Args:
+        path: The certificate's file, named in the error.
+        certificate: A certificate loaded from it.
+        number: Its place in the file, counting from 1.
+
+    Raises:
+        PEMError: A part cannot be read, or the public key is of a kind
+            cryptography does not know.
+    """
+    part = "subject"
+    try:
+        certificate.subject.rfc4514_string()
+        part = "issuer"
+        certificate.issuer.rfc4514_string()
+        part = "extensions"
+        for extension in certificate.extensions:
+            part = f"extension {extension.oid.dotted_string}"
+            _ = extension.value
+        part = "public key"
+        certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as e:
+        which = "" if number == 1 else f" (certificate {number} of the file)"
+        msg = (
+            f"{path} holds a certificate{which} whose {part} cannot be read "
+            f"({e}); the file is damaged or not meant for TLS: install the "
+            "certificate again from the file its issuer sent."
+        )
         raise PEMError(msg) from e
 
 
@@ -268,6 +314,7 @@ def load_private_key(path: Path, text: PEMText | None = None) -> PrivateKey:
             a kind of key TLS servers cannot use.
     """
     data = (text or read_pem(path)).data
+    check_one_private_key(path, data)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as e:
@@ -285,6 +332,28 @@ def load_private_key(path: Path, text: PEMText | None = None) -> PrivateKey:
         msg = f"{path} holds a {type(key).__name__}; use an ECDSA or RSA key."
         raise PEMError(msg)
     return key
+
+
+def check_one_private_key(path: Path, data: bytes) -> None:
+    """
+    Refuse PEM text that holds more than one private key: which of them the
+    file means is a guess (a parser takes the first), and a wrong guess
+    shows up later as a certificate that does not match.
+
+    Args:
+        path: The file, named in the error.
+        data: Its PEM text.
+
+    Raises:
+        PEMError: It holds two or more ``PRIVATE KEY`` blocks.
+    """
+    count = len(_PRIVATE_KEY_BEGIN.findall(data))
+    if count > 1:
+        msg = (
+            f"{path} holds {count} private keys; keep only the key the "
+            "certificate was issued for in it."
+        )
+        raise PEMError(msg)
 
 
 def _public_bytes(key: object) -> bytes:
@@ -314,7 +383,7 @@ def check_key_matches(
     """
     try:
         certificate_key = certificate.public_key()
-    except ValueError as e:
+    except (ValueError, UnsupportedAlgorithm) as e:
         msg = (
             f"{cert_path} holds a certificate whose public key cannot be read "
             f"({e}); the file is damaged: install the certificate again."

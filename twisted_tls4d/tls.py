@@ -329,7 +329,9 @@ def load_crl(
         raise PEMError(msg)
     try:
         crl = x509.load_pem_x509_crl(text.data)
-    except ValueError as e:
+        # cryptography reads the issuer's name only when it is asked for.
+        crl.issuer.rfc4514_string()
+    except (ValueError, x509.InvalidVersion) as e:
         msg = (
             f"{path} holds a malformed revocation list ({e}); restore it from a "
             "backup, or remove it and revoke its certificates again with 'tls4d "

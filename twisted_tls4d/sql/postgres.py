@@ -681,7 +681,7 @@ class PostgresSession:
                 f"PostgreSQL said: {message}."
             )
         status = wire.failure(code, message, self._in_transaction(), sqlstate=sqlstate)
-        return Answer(wire.encode_line(status), ok=False, error=message)
+        return Answer(wire.encode_line(status), ok=False, error=message, code=code)
 
     def _finish_stream(self) -> None:
         """
@@ -827,7 +827,7 @@ def _failed(code: str, message: str, in_transaction: bool | None = None) -> Answ
         An answer made of one error status.
     """
     status = wire.failure(code, message, in_transaction)
-    return Answer(wire.encode_line(status), ok=False, error=message)
+    return Answer(wire.encode_line(status), ok=False, error=message, code=code)
 
 
 def postgres_backend(

@@ -112,6 +112,28 @@ def peer_host(transport: Any) -> str:
         return "unknown"
 
 
+def loggable_error(answer: Answer) -> str | None:
+    """
+    Returns:
+        The error message of a failed answer as the log may show it: the
+        server's own messages whole; a database's (code ``sql``, or not
+        known) with the span from its first quote to its last replaced by an
+        ellipsis, since SQLite and PostgreSQL quote the part of the
+        statement they stumbled on (``near "'s3cret'": syntax error``,
+        ``unrecognized token: "'s3cret"``), which may be a value. Names the
+        database gives unquoted (``no such table: t``) are kept.
+    """
+    message = answer.error
+    if message is None or answer.code not in (None, wire.ERROR_SQL):
+        return message
+    quotes = [index for index, char in enumerate(message) if char in "\"'"]
+    if not quotes:
+        return message
+    # A lone quote opens a fragment that runs to the end.
+    end = quotes[-1] + 1 if len(quotes) > 1 else len(message)
+    return message[: quotes[0]] + "\u2026" + message[end:]
+
+
 def _verb(statement: str) -> str:
     """
     Returns:
@@ -179,6 +201,11 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
 
     _session: Any = None
     _lost = False
+    _closing = False
+    #: The longest line taken, in bytes, its CRLF or LF end not counted
+    #: (`SQLServerFactory.buildProtocol` sets it; ``MAX_LENGTH``, which
+    #: Twisted checks, is one more, for the CR of a CRLF end).
+    max_line_length = DEFAULT_MAX_LINE_LENGTH
     _handshake_done = False
     _user: str | None = None
     _stream: _AnswerStream | None = None
@@ -247,9 +274,11 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
         Split the bytes into lines once the client is greeted; drop them
-        before that.
+        before that, and once the server decided to close the connection
+        (a TLS connection goes on delivering what the client sends until
+        its close completes, and none of that may run).
         """
-        if self._session is None:
+        if self._session is None or self._closing:
             return
         self.note_received(len(data))
         self.resetTimeout()
@@ -261,9 +290,15 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
         Run one request, holding back the following lines until its answer
         is written.
         """
+        if self._closing:
+            return
         self.note_request(len(line) + len(self.delimiter))
         if line.endswith(b"\r"):
             line = line[:-1]
+        if len(line) > self.max_line_length:
+            # Twisted allowed one byte more, for a CRLF's CR.
+            self.lineLengthExceeded(line)
+            return
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -277,6 +312,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
             return
         if self.factory.stopped or self._session is None:
             self._refuse(wire.ERROR_SHUTDOWN, "The SQL server is shutting down.")
+            self._closing = True
             self.transport.loseConnection()
             return
         try:
@@ -378,14 +414,18 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
         """
-        Answer a line over the limit with an error and close the connection.
+        Answer a line over the limit with an error and close the connection;
+        read nothing more from it.
         """
+        if self._closing:
+            return
         self.stop_request_deadline()
         self._refuse(
             wire.ERROR_LINE_TOO_LONG,
-            f"The line is longer than this server's limit of {self.MAX_LENGTH} "
-            "bytes; the connection is closed.",
+            f"The line is longer than this server's limit of "
+            f"{self.max_line_length} bytes; the connection is closed.",
         )
+        self._closing = True
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
@@ -464,7 +504,7 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
             server=self.server_name,
             peer=peer_label(self.transport),
             client=self._user,
-            error=answer.error,
+            error=loggable_error(answer),
         )
 
 
@@ -628,7 +668,8 @@ class SQLServerFactory(Factory):
         protocol.handshake_timeout = self.handshake_timeout
         protocol.idle_timeout = self.idle_timeout
         protocol.request_timeout = self.request_timeout
-        protocol.MAX_LENGTH = self.max_line_length
+        protocol.max_line_length = self.max_line_length
+        protocol.MAX_LENGTH = self.max_line_length + 1
         return protocol
 
     def open_session(

@@ -75,6 +75,10 @@ class Answer:
         notice: Something the server's operator should read, or None.
         done: Whether the answer is complete; if not, `Session.fetch` gives
             the next batch.
+        code: The error code (one of ``wire.ERROR_*``) when it failed, or
+            None if not known; the server logs the database's own messages
+            (codes ``sql`` and ``access``, or None) with their quoted
+            fragments left out.
     """
 
     data: bytes
@@ -83,6 +87,7 @@ class Answer:
     error: str | None = None
     notice: str | None = None
     done: bool = True
+    code: str | None = None
 
 
 def _decode_text(raw: bytes) -> str:
@@ -116,6 +121,7 @@ def whole_answer(first: Answer, fetch: Callable[[], Answer]) -> Answer:
         rows=sum(part.rows for part in parts),
         error=last.error,
         notice=first.notice,
+        code=last.code,
     )
 
 
@@ -475,7 +481,7 @@ def _failed(
         An answer made of one error status.
     """
     status = wire.failure(code, message, in_transaction, sqlite_code, sqlite_name)
-    return Answer(wire.encode_line(status), ok=False, error=message)
+    return Answer(wire.encode_line(status), ok=False, error=message, code=code)
 
 
 def error_answer(code: str, message: str) -> Answer:

@@ -82,7 +82,16 @@ def encode_line(message: Any) -> bytes:
     text = json.dumps(
         message, ensure_ascii=False, separators=(",", ":"), allow_nan=False
     )
-    return text.encode("utf-8") + LINE_END
+    try:
+        return text.encode("utf-8") + LINE_END
+    except UnicodeEncodeError:
+        # A lone surrogate (from a "\ud800" escape a client sent, quoted back
+        # in a message) has no UTF-8 form; escaping everything outside ASCII
+        # keeps it as JSON wrote it.
+        text = json.dumps(
+            message, ensure_ascii=True, separators=(",", ":"), allow_nan=False
+        )
+        return text.encode("ascii") + LINE_END
 
 
 def encode_value(value: Value) -> Any:
@@ -115,6 +124,8 @@ def decode_value(cell: Any) -> Value:
 
     Raises:
         WireFormatError: The cell is a list, or an object of an unknown kind.
+            Its message does not quote the cell, which may hold a value a
+            log must not show.
     """
     if cell is None or isinstance(cell, int | float | str):
         return cell
@@ -123,12 +134,29 @@ def decode_value(cell: Any) -> Value:
             try:
                 return base64.b64decode(cell["blob"], validate=True)
             except binascii.Error as e:
-                msg = f"The blob cell {cell!r} does not hold valid base64 ({e})."
+                msg = f"A blob cell does not hold valid base64 ({e})."
                 raise WireFormatError(msg) from e
         if "real" in cell and cell["real"] in _NON_FINITE:
             return _NON_FINITE[cell["real"]]
-    msg = f"The cell {cell!r} is not a value of this protocol version."
+    msg = (
+        f"A cell that is {_json_kind(cell)} is not a value of this protocol "
+        'version: a value is null, a number, a string, {"blob": BASE64} or '
+        '{"real": "NaN" | "Infinity" | "-Infinity"}.'
+    )
     raise WireFormatError(msg)
+
+
+def _json_kind(value: object) -> str:
+    """
+    Returns:
+        What kind of JSON value a decoded value is, with its article, for
+        messages that must not quote the value itself.
+    """
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object of no kind this version knows"
+    return "a value of another kind"
 
 
 def decode_line(line: bytes) -> dict[str, Any] | list[Any]:
@@ -147,6 +175,9 @@ def decode_line(line: bytes) -> dict[str, Any] | list[Any]:
         value = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         msg = f"The server sent a line that is not UTF-8 JSON ({e}): {line[:80]!r}"
+        raise WireFormatError(msg) from e
+    except RecursionError as e:
+        msg = f"The server sent a line of JSON nested too deeply: {line[:80]!r}"
         raise WireFormatError(msg) from e
     if not isinstance(value, dict | list):
         msg = f"The server sent {value!r}, which is neither a message nor a row."
@@ -183,9 +214,11 @@ def parse_request(text: str) -> Request:
         ``{``, else the JSON request object it holds.
 
     Raises:
-        WireFormatError: A JSON request is not valid JSON, or not one of
-            ``{"sql": TEXT, "params": [VALUE, ...]}`` and
-            ``{"login": {"user": NAME, "password": TEXT}}``.
+        WireFormatError: A JSON request is not valid JSON (or nests too
+            deeply), or not one of ``{"sql": TEXT, "params": [VALUE, ...]}``
+            and ``{"login": {"user": NAME, "password": TEXT}}``, or holds an
+            escaped lone surrogate, which no UTF-8 text can carry. Its
+            message quotes nothing of the request.
     """
     if not text.lstrip().startswith("{"):
         return Request(statement=text)
@@ -194,21 +227,34 @@ def parse_request(text: str) -> Request:
     except ValueError as e:
         msg = f"The request is not valid JSON ({e}); see docs/sql-protocol.md."
         raise WireFormatError(msg) from e
+    except RecursionError as e:
+        msg = "The request nests JSON too deeply; see docs/sql-protocol.md."
+        raise WireFormatError(msg) from e
     if isinstance(request, dict) and isinstance(request.get("sql"), str):
         parameters = request.get("params", [])
         if not isinstance(parameters, list):
             msg = "The request's params must be a JSON array of values."
             raise WireFormatError(msg)
-        return Request(
-            statement=request["sql"],
-            parameters=tuple(decode_value(p) for p in parameters),
-        )
+        _check_text("sql", request["sql"])
+        values = []
+        for number, parameter in enumerate(parameters, 1):
+            try:
+                value = decode_value(parameter)
+            except WireFormatError as e:
+                msg = f"Parameter {number}: {e}"
+                raise WireFormatError(msg) from e
+            if isinstance(value, str):
+                _check_text(f"parameter {number}", value)
+            values.append(value)
+        return Request(statement=request["sql"], parameters=tuple(values))
     login = request.get("login") if isinstance(request, dict) else None
     if (
         isinstance(login, dict)
         and isinstance(login.get("user"), str)
         and isinstance(login.get("password"), str)
     ):
+        _check_text("login's user", login["user"])
+        _check_text("login's password", login["password"])
         return Request(user=login["user"], password=login["password"])
     msg = (
         'The request is neither {"sql": ..., "params": [...]} nor '
@@ -216,6 +262,25 @@ def parse_request(text: str) -> Request:
         "docs/sql-protocol.md."
     )
     raise WireFormatError(msg)
+
+
+def _check_text(what: str, text: str) -> None:
+    """
+    Raises:
+        WireFormatError: ``text`` holds a lone surrogate (JSON's ``\\ud800``
+            escape without its pair), which UTF-8 cannot encode; the message
+            names ``what`` and the position, not the text.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        msg = (
+            f"The request's {what} holds an escaped lone surrogate at character "
+            f"{e.start}, which is not a character; escape characters outside "
+            "the Basic Multilingual Plane as a surrogate pair, or send them as "
+            "UTF-8."
+        )
+        raise WireFormatError(msg) from None
 
 
 def statement_request(statement: str, parameters: Sequence[Value] = ()) -> bytes:
