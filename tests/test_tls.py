@@ -221,6 +221,11 @@ class PolicyTests(unittest.TestCase):
         self.assertTrue(options & SSL.OP_NO_COMPRESSION)
         self.assertTrue(options & SSL.OP_NO_RENEGOTIATION)
 
+    def test_idle_connections_release_buffers(self) -> None:
+        """Built contexts let idle connections give back their TLS buffers."""
+        context = tls.build_context(tls.TLSPolicy(), self.identity)
+        self.assertTrue(context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
+
     def test_dhe_uses_dhparams(self) -> None:
         """With an RSA key, a DHE-only client gets DHE from dhparams.pem."""
         result = _Handshake(
