@@ -134,16 +134,6 @@ def loggable_error(answer: Answer) -> str | None:
     return message[: quotes[0]] + "\u2026" + message[end:]
 
 
-def _verb(statement: str) -> str:
-    """
-    Returns:
-        The statement's first word (``SELECT``, ``INSERT``...), cut short: all
-        of a statement the log may show, since the rest can hold values.
-    """
-    words = statement.split(None, 1)
-    return words[0][:_VERB_LENGTH].upper() if words else ""
-
-
 @implementer(IPushProducer)
 class _AnswerStream:
     """
@@ -331,12 +321,6 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
             )
             return
 
-        self.log.debug(
-            "{server}: {peer} sent a statement beginning {verb}",
-            server=self.server_name,
-            peer=peer_label(self.transport),
-            verb=_verb(request.statement),
-        )
         self.setTimeout(None)
         self.pauseProducing()
         d = self.factory.run_in_thread(
