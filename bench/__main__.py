@@ -22,6 +22,7 @@ from bench.report import render_machine, render_table
 from bench.suite import Settings, Suite, client_bound_text
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+PROFILE_BEGIN, PROFILE_END = "<!-- profile:begin -->", "<!-- profile:end -->"
 
 DOCUMENT_HEAD = """\
 # Performance
@@ -143,6 +144,13 @@ def parse(arguments: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the run's temporary folder"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the figures, sample tls4d with py-spy under each load "
+        "(--duration seconds each) and write the top functions to the Profile "
+        "section of docs/performance.md",
+    )
     given = parser.parse_args(arguments)
     unknown = set(filter(None, given.only.split(","))) - set(figures.FIGURES)
     if unknown:
@@ -242,22 +250,59 @@ def document(
     return "\n".join(parts)
 
 
-def write(path: Path, section: str) -> None:
+def write(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
     """
-    Put ``section`` into ``path`` between the markers, keeping what the file
-    holds outside them (the profile notes), or make the file.
+    Put ``section`` (which starts with ``begin`` and ends with ``end``) into
+    ``path`` in place of what stands between those markers, keeping the rest
+    of the file (the profile notes), or add it, or make the file.
     """
     if path.exists():
         text = path.read_text()
-        if BEGIN in text and END in text:
-            head, _, rest = text.partition(BEGIN)
-            _, _, tail = rest.partition(END)
+        if begin in text and end in text:
+            head, _, rest = text.partition(begin)
+            _, _, tail = rest.partition(end)
             path.write_text(head + section.rstrip("\n") + tail)
             return
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DOCUMENT_HEAD + section)
+
+
+def run_profile(suite: Suite, given: argparse.Namespace, command: str) -> int:
+    """Profile tls4d under each load and write the lists; return the status."""
+    from bench import profile
+
+    try:
+        text = profile.profile(suite, suite.folder / "profiles")
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        suite.stop_all()
+    started = datetime.datetime.now(datetime.UTC)
+    section = "\n".join(
+        [
+            PROFILE_BEGIN,
+            "",
+            f"### Sampled ({started:%Y-%m-%d %H:%M} UTC, `{command}`)",
+            "",
+            "py-spy (`record --format raw --nonblocking`, 250 Hz) on the tls4d "
+            "process while each load ran; only samples where the server was "
+            "busy count (not those waiting in epoll). Own: the function was the "
+            "innermost Python frame (C calls such as OpenSSL's count to the "
+            "Python function calling them); cumulative: anywhere on the stack.",
+            "",
+            text,
+            PROFILE_END,
+            "",
+        ]
+    )
+    print(section)
+    if not given.no_write:
+        write(given.out, section, PROFILE_BEGIN, PROFILE_END)
+        print(f"Wrote {given.out}")
+    return 0
 
 
 def main(arguments: list[str]) -> int:
@@ -277,6 +322,13 @@ def main(arguments: list[str]) -> int:
     folder = Path(tempfile.mkdtemp(prefix="tls4d-bench-"))
     say(f"Working in {folder}")
     suite = Suite(settings, folder, say)
+    command = "bench/run " + shlex.join(arguments) if arguments else "bench/run"
+    if given.profile:
+        try:
+            return run_profile(suite, given, command.strip())
+        finally:
+            if not given.keep:
+                subprocess.run(["rm", "-rf", str(folder)], check=False)
     failed = False
     try:
         for name, measure in figures.FIGURES.items():
@@ -293,7 +345,6 @@ def main(arguments: list[str]) -> int:
         if not given.keep:
             subprocess.run(["rm", "-rf", str(folder)], check=False)
     facts["load average at end"] = Path("/proc/loadavg").read_text().strip()
-    command = "bench/run " + shlex.join(arguments) if arguments else "bench/run"
     section = document(
         suite, facts, command.strip(), started_at, time.monotonic() - started, missing
     )
