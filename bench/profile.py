@@ -90,7 +90,7 @@ def summarize(raw: str) -> tuple[int, list[tuple[str, int]], list[tuple[str, int
 #: logging context, the thread pool's workers), left out of the cumulative
 #: list: they say nothing about where the work is.
 PLUMBING = re.compile(
-    r"^(twistd|twisted/(application|scripts)/|stdlib/threading\.py: Thread\.|"
+    r"^(twistd|twisted/(application|scripts)/|(stdlib/)?threading\.py: Thread\.|"
     r"twisted/_threads/|twisted/internet/base\.py: ReactorBase\.(run|mainLoop)|"
     r"twisted/python/(log|context)\.py: .*callWith|"
     r"twisted/internet/posixbase\.py: _PollLikeMixin\._doReadOrWrite|"
