@@ -6,10 +6,12 @@ connections and a probe timing a new client's HTTPS answer.
 
 Each runs as its own process, pinned to the client cores by the harness:
 ``python -m bench.clients KIND [options]``. It prints one JSON object on
-its last line. The timed ones connect first, then wait for ``--start-at``
-(a ``time.time()`` value) and count the work completed in the
-``--duration`` seconds after it, so that the harness reads the server's CPU
-time over exactly that window.
+its last line. The timed ones connect first, then wait for their start and
+count the work completed in the ``--duration`` seconds after it, so that
+the harness reads the server's CPU time over exactly that window: with
+``--start-at`` (a ``time.time()`` value) they start then; without it they
+print ``ready`` and read the start time from their standard input, which
+lets the harness start them together however long each took to connect.
 """
 
 from __future__ import annotations
@@ -109,9 +111,23 @@ def connect(
     return made.wrap_socket(raw, server_hostname="localhost")
 
 
-def _wait_until(moment: float) -> bool:
-    """Sleep until ``moment``; return False if it had already passed."""
-    late = time.time() - moment
+def _wait_for_start(given: argparse.Namespace) -> bool:
+    """
+    Wait for the start: ``--start-at``, or else the time the harness writes
+    on standard input after this client said ``ready``. Sets
+    ``given.start_at``.
+
+    Returns:
+        False if the start had already passed.
+    """
+    if not given.start_at:
+        print("ready", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            msg = "The harness closed standard input without a start time."
+            raise RuntimeError(msg)
+        given.start_at = float(line)
+    late = time.time() - given.start_at
     if late > 0:
         return False
     time.sleep(-late)
@@ -152,7 +168,7 @@ def run_app(given: argparse.Namespace) -> dict[str, object]:
     else:
         frames = [frame(SMALL % i) for i in range(1024)]
     request_size = sum(len(f) for f in frames) / len(frames)
-    on_time = _wait_until(given.start_at)
+    on_time = _wait_for_start(given)
     end = given.start_at + given.duration
     answered, carried = 0, 0.0
     window = given.window
@@ -249,7 +265,7 @@ def run_sql(given: argparse.Namespace) -> dict[str, object]:
     _read_greeting(tls, buffer)
     draw = random.Random(given.seed)
     request = b'{"sql":"' + SELECT.encode() + b'","params":[%d]}\n'
-    on_time = _wait_until(given.start_at)
+    on_time = _wait_for_start(given)
     end = given.start_at + given.duration
     answered = 0
     while time.time() < end:
@@ -359,8 +375,6 @@ def main(arguments: list[str]) -> None:
         sub.add_argument("--start-at", type=float, default=0.0)
         sub.add_argument("--duration", type=float, default=5.0)
     given = parser.parse_args(arguments)
-    if given.kind in ("small", "bulk", "sql") and not given.start_at:
-        given.start_at = time.time() + 0.5
     print(json.dumps(given.run(given)), flush=True)
 
 

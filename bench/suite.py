@@ -299,7 +299,6 @@ class Suite:
             The measurement over that window.
         """
         client = servers.pinned(self.settings.client_cpus)
-        start_at = time.time() + 1.0 + 0.2 * len(arguments)
         running = [
             subprocess.Popen(
                 [
@@ -308,15 +307,14 @@ class Suite:
                     "-m",
                     "bench.clients",
                     *argument,
-                    "--start-at",
-                    repr(start_at),
                     "--duration",
                     repr(duration),
                 ],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                bufsize=1,
                 env=servers.environment(),
             )
             for argument in arguments
@@ -327,6 +325,19 @@ class Suite:
             every = procstat.read_all()
             return sum(procstat.cpu_seconds(procstat.tree(p, every)) for p in pids)
 
+        for process in running:
+            assert process.stdout is not None and process.stdin is not None
+            said = process.stdout.readline()
+            if said.strip() != "ready":
+                process.kill()
+                _, err = process.communicate()
+                msg = f"A bench.clients process did not get ready: {said}{err[-800:]}"
+                raise RuntimeError(msg)
+        start_at = time.time() + 0.2
+        for process in running:
+            # communicate() closes it after: the client reads one line only.
+            process.stdin.write(f"{start_at!r}\n")  # type: ignore[union-attr]
+            process.stdin.flush()  # type: ignore[union-attr]
         time.sleep(max(0.0, start_at - time.time()))
         before_server, before_client = server.cpu_seconds(), client_cpu()
         started = time.monotonic()
