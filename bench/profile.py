@@ -53,7 +53,90 @@ def _frame_name(frame: str) -> str:
     return f"{path}: {function}"
 
 
-def summarize(raw: str) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+#: Innermost frames of a thread that waits (the reactor in epoll, a
+#: database thread for work): py-spy does not always see such a thread as
+#: idle, so these samples are set apart.
+IDLE = re.compile(
+    r"(epollreactor\.py: EPollReactor\.doPoll|threading\.py: Condition\.wait|"
+    r"threading\.py: Event\.wait|queue\.py: Queue\.get)$"
+)
+
+#: Where a busy sample's time goes: the innermost frame of its stack that
+#: matches one of these patterns (the first that matches it) gives the
+#: sample to that category, so the shares add up to 100 %.
+CATEGORIES = (
+    ("TLS handshake in OpenSSL", r"SSL\.py: Connection\.do_handshake"),
+    (
+        "a TLS connection object per connection",
+        r"SSL\.py: Connection\.__init__|serverConnectionForTLS|set_app_data",
+    ),
+    (
+        "hand-off to and from the database threads",
+        r"threadpool\.py|queue\.py|threading\.py|_threads/|deferToThreadPool|"
+        r"callFromThread|[Ww]aker|internet/threads\.py",
+    ),
+    ("SQLite (in a database thread)", r"sql/session\.py|sqlite3"),
+    (
+        "JSON encoding",
+        r"json/encoder|json/__init__\.py: dumps|encode_payload|encode_line",
+    ),
+    (
+        "JSON decoding",
+        r"json/decoder|json/__init__\.py: loads|decode_payload|wire\.py: "
+        r"parse_request|_refuse_constant|_finite_float",
+    ),
+    (
+        "application protocol: request checks, dispatch, answers",
+        r"twisted_tls4d/app/|inspect\.py|peer_label|attrs generated",
+    ),
+    (
+        "static file: lookup, stat, symlink check, body producer",
+        r"Cooperator|CooperativeTask|_PullToPush|web/static\.py|filepath\.py|"
+        r"posixpath|genericpath|WebFolder|_inside|mimetypes",
+    ),
+    (
+        "access log",
+        r"combinedLogFormatter|access_log_line|logfile\.py|_LoggedRequest|"
+        r"http\.py: _escape|datetimeToLogString",
+    ),
+    (
+        "protocol wrappers (policies.py: ConnectionLimit's ThrottlingProtocol)",
+        r"protocols/policies\.py",
+    ),
+    ("HTTP parsing, headers, request objects", r"twisted/web/"),
+    (
+        "twisted.logger events",
+        r"twisted/logger/|twisted/python/log\.py: (msg|LogPublisher)",
+    ),
+    (
+        "timers (timeouts set and reset)",
+        r"TimeoutMixin|resetTimeout|setTimeout|callLater|DelayedCall|"
+        r"runUntilCurrent|ReactorBase\.timeout",
+    ),
+    (
+        "closing connections",
+        r"connectionLost|_closeSocket|loseConnection|_disconnectSelectable|"
+        r"abortConnection",
+    ),
+    ("accepting connections", r"tcp\.py: Port\.doRead|socket\.py: socket\.accept"),
+    ("length-prefix and line framing", r"protocols/basic\.py"),
+    ("TLS records (pyOpenSSL recv/send, memory BIOs)", r"SSL\.py|protocols/tls\.py"),
+)
+
+
+def _category(frames: list[str], patterns: list[tuple[str, re.Pattern[str]]]) -> str:
+    for frame in reversed(frames):
+        for label, pattern in patterns:
+            if pattern.search(frame):
+                return label
+    return "other: the reactor loop, socket reads and writes"
+
+
+def summarize(
+    raw: str,
+) -> tuple[
+    int, int, list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]
+]:
     """
     Read py-spy's raw (collapsed stacks) output.
 
@@ -61,13 +144,16 @@ def summarize(raw: str) -> tuple[int, list[tuple[str, int]], list[tuple[str, int
         raw: Lines of ``frame;frame;...;leaf COUNT``.
 
     Returns:
-        The samples in all, and the functions with their samples as the
-        innermost frame (own time) and anywhere on the stack (cumulative),
-        most first.
+        The busy samples, the idle ones (`IDLE`), the functions with their
+        busy samples as the innermost frame (own time) and anywhere on the
+        stack (cumulative), most first, and the busy samples of each of
+        `CATEGORIES` (and "other: the reactor, sockets").
     """
     own: collections.Counter[str] = collections.Counter()
     cumulative: collections.Counter[str] = collections.Counter()
-    total = 0
+    shares: collections.Counter[str] = collections.Counter()
+    patterns = [(label, re.compile(pattern)) for label, pattern in CATEGORIES]
+    total = idle = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -79,11 +165,21 @@ def summarize(raw: str) -> tuple[int, list[tuple[str, int]], list[tuple[str, int
             frames = frames[1:]
         if not frames:
             continue
+        if IDLE.search(frames[-1]):
+            idle += count
+            continue
         total += count
         own[frames[-1]] += count
         for name in set(frames):
             cumulative[name] += count
-    return total, own.most_common(), cumulative.most_common()
+        shares[_category(frames, patterns)] += count
+    return (
+        total,
+        idle,
+        own.most_common(),
+        cumulative.most_common(),
+        shares.most_common(),
+    )
 
 
 #: Frames every stack goes through (twistd, the reactor's loop and its
@@ -111,12 +207,19 @@ def render(phase: str, raw: str) -> str:
         time (plumbing left out), and tls4d's own functions by cumulative
         time.
     """
-    total, own, cumulative = summarize(raw)
+    total, idle, own, cumulative, shares = summarize(raw)
     if not total:
         return f"#### {phase}\n\nNo samples.\n"
     useful = [(n, c) for n, c in cumulative if not PLUMBING.match(n)]
     ours = [(n, c) for n, c in cumulative if n.startswith("twisted_tls4d/")]
-    lines = [f"#### {phase} ({total:,} samples of the busy server)", ""]
+    lines = [
+        f"#### {phase}",
+        "",
+        f"{total:,} busy samples ({idle:,} more waiting in epoll or for work "
+        "left out).",
+        "",
+    ]
+    lines += _table("where the time goes", shares, total)
     lines += _table("own time", own[:TOP], total)
     lines += _table("cumulative time", useful[:TOP], total)
     lines += _table("tls4d's code, cumulative", ours[:TOP], total)
