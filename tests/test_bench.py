@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from bench import clients, procstat, report, suite
+from bench import clients, procstat, profile, report, suite
 
 #: A /proc/PID/stat line whose command holds a space and a parenthesis.
 STAT = (
@@ -117,4 +117,32 @@ class HarnessTests(unittest.TestCase):
         """taskset lists count their cores."""
         self.assertEqual(
             [suite.cpu_count(c) for c in ("0", "0-3", "0,2-3", "")], [1, 4, 3, 1]
+        )
+
+
+#: py-spy raw output: two busy stacks and one waiting in epoll.
+_TOP = 'process 7:"twistd";run (twisted/internet/base.py:1)'
+_SITE = "/v/site-packages/"
+RAW = "\n".join(
+    [
+        f"{_TOP};EPollReactor.doPoll ({_SITE}twisted/internet/epollreactor.py:9) 50",
+        f"{_TOP};Connection.do_handshake ({_SITE}OpenSSL/SSL.py:3) 30",
+        f"{_TOP};SQLServerProtocol.lineReceived (/r/twisted_tls4d/sql/protocol.py:5);"
+        f"Logger.debug ({_SITE}twisted/logger/_logger.py:2) 10",
+    ]
+)
+
+
+class ProfileTests(unittest.TestCase):
+    """Reading py-spy's raw stacks."""
+
+    def test_summarize(self) -> None:
+        """Waiting samples are set apart; own, cumulative and categories add up."""
+        total, idle, own, cumulative, shares = profile.summarize(RAW)
+        self.assertEqual((total, idle), (40, 50))
+        self.assertEqual(own[0], ("OpenSSL/SSL.py: Connection.do_handshake", 30))
+        self.assertIn(("twisted/internet/base.py: run", 40), cumulative)
+        self.assertEqual(
+            dict(shares),
+            {"TLS handshake in OpenSSL": 30, "twisted.logger events": 10},
         )
