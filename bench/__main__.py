@@ -122,6 +122,12 @@ def parse(arguments: list[str]) -> argparse.Namespace:
         default=10_000,
         help="idle TLS connections held [10000]",
     )
+    parser.add_argument(
+        "--tls4d-args",
+        default="",
+        help="more options for every twistd tls4d started, as one string "
+        "(e.g. '--workers 2')",
+    )
     parser.add_argument("--server-cpus", default="0", help="taskset list [0]")
     parser.add_argument("--client-cpus", default="1", help="taskset list [1]")
     parser.add_argument(
@@ -170,6 +176,7 @@ def settings_from(given: argparse.Namespace) -> Settings:
         client_cpus=given.client_cpus,
         idle_connections=given.idle_connections,
         only=tuple(filter(None, given.only.split(","))),
+        tls4d_args=tuple(shlex.split(given.tls4d_args)),
     )
     if given.quick:
         settings.rounds, settings.duration, settings.warmup = 1, 1.0, 0.0
@@ -192,7 +199,8 @@ def check_tools(install: bool, say: object) -> list[str]:
         tools.install(absent, say)
         absent = tools.missing(wanted)
     lines = [
-        f"{t.name} is missing (Debian package {t.package}): no {t.used_for}."
+        f"{t.name} is missing (Debian package {t.package}), needed for {t.used_for}; "
+        "those figures or references are not measured."
         for t in absent
     ]
     for line in lines:

@@ -587,7 +587,13 @@ def cold_start(suite: Suite) -> None:
         root.parent.mkdir(parents=True)
         started = time.monotonic()
         server = suite.start(
-            servers.Tls4d(root, suite.settings.server_cpus, "--web", "--no-http")
+            servers.Tls4d(
+                root,
+                suite.settings.server_cpus,
+                "--web",
+                "--no-http",
+                *suite.settings.tls4d_args,
+            )
         )
         port = server.port("https")
         answer = b""
@@ -649,6 +655,7 @@ def idle_connections(suite: Suite) -> None:
             str(count + 1000),
             "--web-idle-timeout",
             "3600",
+            *suite.settings.tls4d_args,
         )
     )
     port = tls4d.port("https")

@@ -51,6 +51,7 @@ class Settings:
     idle_rounds: int = 1
     probes: int = 20
     only: tuple[str, ...] = ()
+    tls4d_args: tuple[str, ...] = ()
 
 
 def cpu_count(cpus: str) -> int:
@@ -202,6 +203,7 @@ class Suite:
                     "--app",
                     "--sql",
                     "--no-http",
+                    *self.settings.tls4d_args,
                 )
             )
             for which in ("https", "app", "sql"):
