@@ -17,7 +17,18 @@ from bench.report import Target
 from bench.suite import Measurement, Suite, last_json, ssl_get
 
 
-def _needs(suite: Suite, names: list[str], figure: str, unit: str, target=None) -> bool:
+def _needs(
+    suite: Suite,
+    names: list[str],
+    figure: str,
+    unit: str,
+    target: Target | None = None,
+) -> bool:
+    """
+    Returns:
+        Whether the tools ``names`` are all installed; if not, the figure is
+        recorded as skipped, naming what is missing.
+    """
     absent = tools.missing(names)
     if absent:
         suite.skip(
@@ -327,7 +338,9 @@ def application(suite: Suite) -> None:
     }
     settings = suite.settings
 
-    def app(kind: str, connections: int, window: int):
+    def app(
+        kind: str, connections: int, window: int
+    ) -> Callable[[object, int], Callable[[float], Measurement]]:
         def make(server: object, port: int) -> Callable[[float], Measurement]:
             def run(duration: float) -> Measurement:
                 arguments = [

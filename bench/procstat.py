@@ -144,6 +144,39 @@ def rss_bytes(processes: Iterable[ProcessStat]) -> int:
     return sum(stat.rss_pages for stat in processes) * PAGE_SIZE
 
 
+def parse_cpu_lines(text: str) -> dict[int, float]:
+    """
+    Read the per-core lines of ``/proc/stat`` (proc(5)).
+
+    Args:
+        text: The content of ``/proc/stat``.
+
+    Returns:
+        For each core, the seconds it spent busy since boot: all its times
+        but idle and iowait.
+    """
+    busy: dict[int, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        ticks = [int(field) for field in rest.split()]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        # guest times are counted in user and nice already.
+        busy[int(name[3:])] = (sum(ticks[:8]) - idle) / CLOCK_TICKS
+    return busy
+
+
+def cores_busy_seconds(cores: Iterable[int], proc: Path = Path("/proc")) -> float:
+    """
+    Returns:
+        The seconds ``cores`` together spent busy since boot, whoever used
+        them.
+    """
+    busy = parse_cpu_lines((proc / "stat").read_text())
+    return sum(busy.get(core, 0.0) for core in cores)
+
+
 def tree_cpu_seconds(root: int) -> float:
     """
     Returns:

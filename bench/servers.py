@@ -424,7 +424,9 @@ class TwistdWeb(Process):
     and chain, as a Twisted user would run it.
     """
 
-    def __init__(self, folder: Path, key: Path, chain: Path, web: Path, cpus: str):
+    def __init__(
+        self, folder: Path, key: Path, chain: Path, web: Path, cpus: str
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         listen = f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={chain}"

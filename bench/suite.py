@@ -30,6 +30,10 @@ from bench.report import Figure, Samples, Target
 #: client-bound: the server could have done more.
 CLIENT_BOUND = 0.9
 
+#: Other work taking more than this share of the server's cores over a
+#: measurement makes its figure noisy.
+NOISY = 0.15
+
 
 @attrs.define
 class Settings:
@@ -81,6 +85,7 @@ class Measurement:
     client_cpu: float
     client_cores: int
     note: str = ""
+    other_cpu: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -100,6 +105,11 @@ class Measurement:
     def server_busy(self, cores: int) -> float:
         """The share of ``cores`` server cores the server used."""
         return self.server_cpu / (self.seconds * cores) if self.seconds else 0.0
+
+    def others_busy(self, cores: int) -> float:
+        """The share of ``cores`` server cores other work (processes,
+        interrupts, the hypervisor) took meanwhile."""
+        return self.other_cpu / (self.seconds * cores) if self.seconds else 0.0
 
     @property
     def client_busy(self) -> float:
@@ -147,7 +157,9 @@ class Suite:
     the commands that reproduce each.
     """
 
-    def __init__(self, settings: Settings, folder: Path, say: Callable[[str], None]):
+    def __init__(
+        self, settings: Settings, folder: Path, say: Callable[[str], None]
+    ) -> None:
         self.settings = settings
         self.folder = folder
         self.say = say
@@ -159,6 +171,9 @@ class Suite:
         self.tls4d: servers.Tls4d | None = None
         self.client_cores = cpu_count(settings.client_cpus)
         self.server_cores = cpu_count(settings.server_cpus)
+        self.server_core_set = _cpu_set(settings.server_cpus) or set(
+            range(os.cpu_count() or 1)
+        )
         _raise_file_limit()
         # The harness itself runs beside the load generators, off the
         # server cores.
@@ -256,6 +271,7 @@ class Suite:
         client = servers.pinned(self.settings.client_cpus)
         limit = self.settings.duration * 4 + 120
         before_server, before_client = server.cpu_seconds(), _children_cpu()
+        before_cores = procstat.cores_busy_seconds(self.server_core_set)
         started = time.monotonic()
         running = [
             subprocess.Popen(
@@ -279,6 +295,7 @@ class Suite:
         if settle:
             time.sleep(settle)
         server_cpu = server.cpu_seconds() - before_server
+        cores = procstat.cores_busy_seconds(self.server_core_set) - before_cores
         work, note = parse(outputs)
         return Measurement(
             work,
@@ -287,6 +304,7 @@ class Suite:
             _children_cpu() - before_client,
             self.client_cores,
             note,
+            max(0.0, cores - server_cpu),
         )
 
     def run_clients(
@@ -342,10 +360,12 @@ class Suite:
             process.stdin.flush()  # type: ignore[union-attr]
         time.sleep(max(0.0, start_at - time.time()))
         before_server, before_client = server.cpu_seconds(), client_cpu()
+        before_cores = procstat.cores_busy_seconds(self.server_core_set)
         started = time.monotonic()
         time.sleep(duration)
         seconds = time.monotonic() - started
         server_cpu = server.cpu_seconds() - before_server
+        cores = procstat.cores_busy_seconds(self.server_core_set) - before_cores
         used = client_cpu() - before_client
         reports = []
         for process in running:
@@ -359,7 +379,15 @@ class Suite:
         late = sum(1 for r in reports if r.get("late"))
         note = f"{late} client(s) started late" if late else ""
         work = sum(float(r.get("requests", 0)) for r in reports)
-        return Measurement(work, seconds, server_cpu, used, self.client_cores, note)
+        return Measurement(
+            work,
+            seconds,
+            server_cpu,
+            used,
+            self.client_cores,
+            note,
+            max(0.0, cores - server_cpu),
+        )
 
     def rounds(
         self, contenders: dict[str, Callable[[float], Measurement]]
@@ -384,7 +412,9 @@ class Suite:
                 self.say(
                     f"  round {index + 1} {name}: {measured.work:,.0f} in "
                     f"{measured.seconds:.2f} s, server CPU {measured.server_cpu:.2f} s "
-                    f"({measured.server_busy(self.server_cores):.0%} of its cores), "
+                    f"({measured.server_busy(self.server_cores):.0%} of its cores, "
+                    f"{measured.others_busy(self.server_cores):.0%} taken by other "
+                    "work), "
                     f"client cores {measured.client_busy:.0%} busy"
                     + (f" ({measured.note})" if measured.note else "")
                 )
@@ -410,6 +440,11 @@ class Suite:
             bound = [m for m in measured if m.client_busy >= CLIENT_BOUND]
             if bound:
                 notes.append(f"client-bound in {len(bound)}/{len(measured)} rounds")
+            others = max(
+                (m.others_busy(self.server_cores) for m in measured), default=0.0
+            )
+            if others > NOISY:
+                notes.append(f"noisy: other work took up to {others:.0%} of its core")
             return Samples(tuple(metric(m) for m in measured), "; ".join(notes))
 
         made = Figure(
@@ -480,11 +515,14 @@ def _cpu_set(cpus: str) -> set[int]:
 
 
 def client_bound_text() -> str:
-    """The note's meaning, for the report."""
+    """The notes' meaning, for the report."""
     return (
         f"[client-bound]: the load generator's cores were {CLIENT_BOUND:.0%} or more "
         "busy, so the rate is the client's limit; the server's CPU time per unit "
-        "of work is still its own."
+        "of work is still its own. [noisy]: other processes, interrupts or the "
+        f"hypervisor took more than {NOISY:.0%} of the server's core (from "
+        "/proc/stat) in some round, so its rates are low; CPU time per unit of "
+        "work suffers less (shared caches)."
     )
 
 

@@ -55,6 +55,18 @@ class ProcStatTests(unittest.TestCase):
         self.assertEqual(procstat.rss_bytes(found), 30 * procstat.PAGE_SIZE)
         self.assertEqual(procstat.tree(99, stats), [])
 
+    def test_cores_busy(self) -> None:
+        """A core's busy time is all its times but idle and iowait."""
+        text = (
+            "cpu  10 0 10 100 5 0 0 0 0 0\n"
+            "cpu0 3 1 2 50 4 1 1 2 0 0\n"
+            "cpu1 7 0 8 50 1 0 0 0 0 0\nintr 5\n"
+        )
+        busy = procstat.parse_cpu_lines(text)
+        self.assertEqual(
+            busy, {0: 10 / procstat.CLOCK_TICKS, 1: 15 / procstat.CLOCK_TICKS}
+        )
+
 
 class ReportTests(unittest.TestCase):
     """The table's ratios, verdicts and rendering."""
