@@ -145,8 +145,12 @@ def _s_time_parse(outputs: list[str]) -> tuple[float, str]:
             msg = f"s_time printed no connection count: {out[-500:]}"
             raise RuntimeError(msg)
         total += int(found.group(1))
-        resumed += out.count("r")
-        new += out.count("*")
+        # s_time prints "*" for each new session and "r" for each resumed
+        # one, on lines of their own.
+        for line in out.splitlines():
+            if line and set(line) <= {"*", "r"}:
+                resumed += line.count("r")
+                new += line.count("*")
     share = resumed / (resumed + new) if resumed + new else 0.0
     return total, "" if share >= 0.95 else f"only {share:.0%} resumed"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from bench import clients, procstat, profile, report, suite
+from bench import clients, figures, procstat, profile, report, suite
 
 #: A /proc/PID/stat line whose command holds a space and a parenthesis.
 STAT = (
@@ -124,6 +124,12 @@ class HarnessTests(unittest.TestCase):
     def test_bulk_payload(self) -> None:
         """A bulk request is exactly 1 MiB of JSON."""
         self.assertEqual(len(clients.bulk_payload(12345)), clients.BULK_SIZE)
+
+    def test_s_time_resumed_share(self) -> None:
+        """Only s_time's progress marks count as new or resumed sessions."""
+        out = "***rr\nrrrrr\n\n10 connections in 1.20s; bytes read 99\n"
+        out += "10 connections in 2 real seconds, 9 bytes read per connection\n"
+        self.assertEqual(figures._s_time_parse([out]), (10, "only 70% resumed"))
 
     def test_cpu_count(self) -> None:
         """taskset lists count their cores."""
