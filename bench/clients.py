@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import random
+import selectors
 import socket
 import ssl
 import sys
@@ -172,29 +173,66 @@ def run_app(given: argparse.Namespace) -> dict[str, object]:
     end = given.start_at + given.duration
     answered, carried = 0, 0.0
     window = given.window
-    pending = b"".join(frames[i % len(frames)] for i in range(window))
+    outgoing = bytearray(b"".join(frames[i % len(frames)] for i in range(window)))
     sent, outstanding = window, window
-    tls.sendall(pending)
+    # Non-blocking, so that a large frame being sent never stops the answers
+    # from being read (and the server from going on).
+    tls.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(tls, selectors.EVENT_READ)
     while outstanding:
-        data = tls.recv(1 << 20)
+        if outgoing:
+            outgoing = _send_some(tls, outgoing)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0)
+        selector.modify(tls, events)
+        if not selector.select(timeout=60):
+            msg = "The server sent nothing for 60 s."
+            raise TimeoutError(msg)
+        count, size = _receive_frames(tls, buffer)
+        if not count:
+            continue
+        outstanding -= count
+        if time.time() < end:
+            answered += count
+            carried += size + count * request_size
+            outgoing += b"".join(frames[(sent + i) % len(frames)] for i in range(count))
+            sent += count
+            outstanding += count
+    selector.close()
+    tls.close()
+    return {"requests": answered, "bytes": carried, "late": not on_time}
+
+
+def _send_some(tls: ssl.SSLSocket, outgoing: bytearray) -> bytearray:
+    """Send what the socket takes now of ``outgoing``; return the rest."""
+    position = 0
+    with memoryview(outgoing) as view:
+        while position < len(view):
+            try:
+                position += tls.send(view[position : position + (1 << 18)])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                break
+    del outgoing[:position]
+    return outgoing
+
+
+def _receive_frames(tls: ssl.SSLSocket, buffer: bytearray) -> tuple[int, int]:
+    """
+    Read all that is there now, TLS's buffer included.
+
+    Returns:
+        The complete frames taken off ``buffer`` and their bytes.
+    """
+    while True:
+        try:
+            data = tls.recv(1 << 20)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            break
         if not data:
             msg = "The server closed the connection."
             raise ConnectionError(msg)
         buffer += data
-        count, size = count_frames(buffer)
-        if not count:
-            continue
-        outstanding -= count
-        now = time.time()
-        if now < end:
-            answered += count
-            carried += size + count * request_size
-            more = b"".join(frames[(sent + i) % len(frames)] for i in range(count))
-            sent += count
-            outstanding += count
-            tls.sendall(more)
-    tls.close()
-    return {"requests": answered, "bytes": carried, "late": not on_time}
+    return count_frames(buffer)
 
 
 def _read_answer(tls: ssl.SSLSocket, buffer: bytearray) -> None:

@@ -305,7 +305,7 @@ def phases(suite: Suite) -> dict[str, Callable[[float], list[subprocess.Popen[st
         ),
         "app protocol, bulk 1 MiB frames": lambda s: _background(
             suite,
-            [["bulk", "--port", str(app), "--window", "2", *identity, *timed(s)]],
+            [["bulk", "--port", str(app), "--window", "8", *identity, *timed(s)]],
             python=True,
         ),
         "SQL point selects (8 clients)": lambda s: _background(
