@@ -107,8 +107,8 @@ class Measurement:
         return self.server_cpu / (self.seconds * cores) if self.seconds else 0.0
 
     def others_busy(self, cores: int) -> float:
-        """The share of ``cores`` server cores other work (processes,
-        interrupts, the hypervisor) took meanwhile."""
+        """The share of ``cores`` server cores other work (processes or
+        the hypervisor) took meanwhile."""
         return self.other_cpu / (self.seconds * cores) if self.seconds else 0.0
 
     @property
@@ -519,7 +519,7 @@ def client_bound_text() -> str:
     return (
         f"[client-bound]: the load generator's cores were {CLIENT_BOUND:.0%} or more "
         "busy, so the rate is the client's limit; the server's CPU time per unit "
-        "of work is still its own. [noisy]: other processes, interrupts or the "
+        "of work is still its own. [noisy]: other processes or the "
         f"hypervisor took more than {NOISY:.0%} of the server's core (from "
         "/proc/stat) in some round, so its rates are low; CPU time per unit of "
         "work suffers less (shared caches)."

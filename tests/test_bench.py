@@ -56,7 +56,7 @@ class ProcStatTests(unittest.TestCase):
         self.assertEqual(procstat.tree(99, stats), [])
 
     def test_cores_busy(self) -> None:
-        """A core's busy time is all its times but idle and iowait."""
+        """A core's busy time is its user, nice, system and steal time."""
         text = (
             "cpu  10 0 10 100 5 0 0 0 0 0\n"
             "cpu0 3 1 2 50 4 1 1 2 0 0\n"
@@ -64,7 +64,7 @@ class ProcStatTests(unittest.TestCase):
         )
         busy = procstat.parse_cpu_lines(text)
         self.assertEqual(
-            busy, {0: 10 / procstat.CLOCK_TICKS, 1: 15 / procstat.CLOCK_TICKS}
+            busy, {0: 8 / procstat.CLOCK_TICKS, 1: 15 / procstat.CLOCK_TICKS}
         )
 
 
