@@ -359,6 +359,7 @@ def profile(suite: Suite, out: Path) -> str:
                 "--format",
                 "raw",
                 "--nonblocking",
+                "--subprocesses",
                 "--output",
                 str(raw),
             ],  # fmt: skip
