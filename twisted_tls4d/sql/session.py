@@ -247,7 +247,10 @@ class Session:
             timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
-            cached_statements=0,
+            # Prepared once per session; a change of access level opens a
+            # new connection, so no statement outlives the authorizer that
+            # allowed it.
+            cached_statements=128,
         )
         try:
             connection.text_factory = _decode_text
