@@ -312,6 +312,28 @@ class AppServerFramingProperties(SynchronousTestCase):
         self.assertEqual(len(expected), len(frames))
         self.assertEqual(self.answers_to(_split(b"".join(frames), cuts)), expected)
 
+    @bounded(25)
+    @given(
+        st.lists(st.integers(0, 200_000), min_size=1, max_size=3),
+        st.lists(st.integers(min_value=0), max_size=40),
+    )
+    def test_large_frames_split_anywhere(
+        self, sizes: list[int], cuts: list[int]
+    ) -> None:
+        """
+        Frames around and above the size from which the server gathers a
+        frame piece by piece, cut anywhere (a piece may end one frame and
+        start the next), get the same answers as frames sent whole.
+        """
+        frames = [
+            app_wire.encode_frame({"id": n, "op": "echo", "args": {"t": "x" * size}})
+            for n, size in enumerate(sizes)
+        ]
+        expected = self.answers_to(frames)
+        self.assertEqual(len(expected), len(frames))
+        pieces = _split(b"".join(frames), cuts)
+        self.assertEqual(self.answers_to(pieces), expected)
+
     @bounded(60)
     @given(
         st.integers(min_value=1, max_value=4096)

@@ -212,11 +212,30 @@ class _Signature:
         signature: Its signature, the request parameter included.
         names: The argument names it lists, for error messages.
         takes_any: Whether it takes ``**kwargs``.
+        required: The argument names without a default.
+        first: The name of the request's parameter.
+        plain: Whether every parameter after the request's can be given by
+            name, so that a call's names alone tell whether it fits.
     """
 
     signature: inspect.Signature
     names: tuple[str, ...]
     takes_any: bool
+    required: frozenset[str] = frozenset()
+    first: str = ""
+    plain: bool = False
+
+    def fits(self, args: Mapping[str, Any]) -> bool:
+        """
+        Returns:
+            Whether ``args`` fit the handler, read from their names alone
+            when the handler is plain, else by binding them.
+        """
+        if self.plain and self.first not in args:
+            names = args.keys()
+            if (self.takes_any or names <= set(self.names)) and self.required <= names:
+                return True
+        return False
 
 
 def _read_signature(name: str, handler: Handler) -> _Signature:
@@ -255,7 +274,26 @@ def _read_signature(name: str, handler: Handler) -> _Signature:
         in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     )
     takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
-    return _Signature(signature, names, takes_any)
+    by_name = (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.VAR_KEYWORD,
+    )
+    required = frozenset(
+        p.name
+        for p in rest
+        if p.default is inspect.Parameter.empty
+        and p.kind != inspect.Parameter.VAR_KEYWORD
+    )
+    return _Signature(
+        signature,
+        names,
+        takes_any,
+        required=required,
+        first=parameters[0].name,
+        plain=parameters[0].kind != inspect.Parameter.VAR_POSITIONAL
+        and all(p.kind in by_name for p in rest),
+    )
 
 
 def check_op_name(name: object) -> str:
@@ -398,10 +436,11 @@ class Registry:
         """
         handler = self._handlers[request.op]
         accepted = self._signatures[request.op]
-        try:
-            accepted.signature.bind(request, **request.args)
-        except TypeError as e:
-            raise AppError(INVALID_ARGS, _misfit(request, accepted, e)) from e
+        if not accepted.fits(request.args):
+            try:
+                accepted.signature.bind(request, **request.args)
+            except TypeError as e:
+                raise AppError(INVALID_ARGS, _misfit(request, accepted, e)) from e
         return handler(request, **request.args)
 
 

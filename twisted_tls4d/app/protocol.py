@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import struct
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
@@ -82,6 +83,10 @@ from twisted_tls4d.errors import ConfigurationError
 
 #: How much of a client-chosen name (an op) a log line or message quotes.
 _QUOTE_LIMIT = 40
+
+#: A frame with more than this many bytes still to come is gathered piece by
+#: piece (see `AppServerProtocol._gather_large_frame`).
+GATHER_FROM = 64 * 1024
 
 #: Seconds a connection the server closes may take to read its last frame
 #: before it is cut.
@@ -214,6 +219,9 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         self._missed = 0
         self._write_paused = False
         self._receiving = False
+        self._gathering: list[bytes] | None = None
+        self._gathered = 0
+        self._gather_until = 0
         self._closing = False
         self._lost = False
         self._refused = False
@@ -459,12 +467,41 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         if data:
             self.note_received(len(data))
             self.resetTimeout()
+            if self._gathering is not None:
+                # The rest of a large frame: keep the pieces until it is
+                # whole, instead of joining the growing start to each one.
+                self._gathering.append(data)
+                self._gathered += len(data)
+                if self._gathered < self._gather_until:
+                    self.update_request_deadline(not self.paused)
+                    return
+                data = b"".join(self._gathering)
+                self._gathering = None
         self._receiving = True
         try:
             super().dataReceived(data)
         finally:
             self._receiving = False
+        self._gather_large_frame()
         self.update_request_deadline(not self.paused and not self._closing)
+
+    def _gather_large_frame(self) -> None:
+        """
+        When what is left unread is the start of a frame with more than
+        `GATHER_FROM` bytes still to come, take it out of Twisted's buffer,
+        which copies itself whole on each arrival, and gather the rest.
+        """
+        pending = self._unprocessed
+        if len(pending) < self.prefixLength or self.paused or self._closing:
+            return
+        (length,) = struct.unpack(self.structFormat, pending[: self.prefixLength])
+        whole = self.prefixLength + length
+        if length > self.MAX_LENGTH or whole - len(pending) < GATHER_FROM:
+            return
+        self._gathering = [pending]
+        self._gathered = len(pending)
+        self._gather_until = whole
+        self._unprocessed = b""
 
     def lengthLimitExceeded(self, length: int) -> None:  # noqa: N802 (Twisted's name)
         """

@@ -201,6 +201,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: Compact UTF-8 JSON; made once rather than by each ``json.dumps`` call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def encode_payload(message: Mapping[str, Any]) -> bytes:
     """
     Encode one message as compact UTF-8 JSON.
@@ -218,9 +222,7 @@ def encode_payload(message: Mapping[str, Any]) -> bytes:
             ValueError).
     """
     try:
-        text = json.dumps(
-            message, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
+        text = _ENCODER.encode(message)
     except RecursionError as e:
         msg = "The message nests too deeply to be encoded as JSON."
         raise ValueError(msg) from e
@@ -256,6 +258,10 @@ def encode_frame(message: Mapping[str, Any]) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
+#: Refuses NaN, infinities and floats too large; made once.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def decode_payload(payload: bytes) -> dict[str, Any]:
     """
     Decode one frame's payload.
@@ -277,9 +283,7 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         description = f"not valid UTF-8 (at byte {e.start})"
         raise FrameDecodeError(INVALID_JSON, description) from e
     try:
-        value = json.loads(
-            text, parse_constant=_refuse_constant, parse_float=_finite_float
-        )
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         description = f"not valid JSON ({e.msg} at character {e.pos})"
         raise FrameDecodeError(INVALID_JSON, description) from e
