@@ -243,6 +243,12 @@ class Tls4d(Process):
             "0",
             "--sql-port",
             "0",
+            # Every load comes from loopback addresses, the idle figure with
+            # 10,000 connections: the connection limits would refuse them.
+            "--max-connections",
+            "30000",
+            "--max-connections-per-peer",
+            "30000",
             *arguments,
         ]
         super().__init__("tls4d", command, cwd=root.parent)
