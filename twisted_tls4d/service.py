@@ -329,7 +329,8 @@ class Tls4dService(MultiService):
             built = self.build_contexts()
         except (Tls4dError, SSL.Error, OSError) as e:
             _log.error(
-                "Reload failed, the servers keep the configuration they had: {error}",
+                "Reload failed, the servers keep the configuration they had: "
+                "{error} Reload again once that is fixed.",
                 error=str(e),
             )
             return False

@@ -476,6 +476,44 @@ def _alpn_selector(protocols: Sequence[bytes]) -> Any:
     return select
 
 
+def _openssl_reasons(error: SSL.Error) -> str:
+    """
+    Returns:
+        The reasons OpenSSL gave for ``error``, in words, without its
+        library and function names.
+    """
+    reasons = [
+        entry[2]
+        for entry in (error.args[0] if error.args else [])
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+    ]
+    return "; ".join(reasons) or str(error)
+
+
+def _load_dh_parameters(context: SSL.Context, path: Path) -> None:
+    """
+    Give ``context`` the DH parameters of ``path``.
+
+    Raises:
+        PEMError: The file cannot be read or holds no usable parameters.
+    """
+    fix = (
+        "write the RFC 7919 ffdhe2048 group there with 'tls4d dhparams --group "
+        f"ffdhe2048 --root {path.parent}' (a start writes it where it is missing)"
+    )
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        msg = f"Cannot read {path}: {e.strerror}; restore it, or {fix}."
+        raise PEMError(msg) from e
+    try:
+        context.load_tmp_dh(str(path).encode())
+    except SSL.Error as e:
+        msg = f"{path} holds no usable DH parameters ({_openssl_reasons(e)}); {fix}."
+        raise PEMError(msg) from e
+
+
 def build_context(
     policy: TLSPolicy,
     identity: ServerIdentity,
@@ -539,14 +577,7 @@ def build_context(
             groups=GROUPS,
         )
     if policy.dh_parameters is not None:
-        try:
-            context.load_tmp_dh(str(policy.dh_parameters).encode())
-        except SSL.Error as e:
-            msg = (
-                f"{policy.dh_parameters} holds no usable DH parameters ({e}); "
-                "delete it and tls4d writes the RFC 7919 ffdhe2048 group."
-            )
-            raise PEMError(msg) from e
+        _load_dh_parameters(context, policy.dh_parameters)
 
     context.use_certificate(identity.certificate)
     for certificate in identity.chain[1:]:
