@@ -477,6 +477,52 @@ class StartTests(unittest.TestCase):
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
+    def test_exposed_keys(self) -> None:
+        """
+        Key files open to others are named at start with the chmod that fixes
+        them; with --strict the start is refused with one line naming them.
+        """
+        first = self.start("--web", "--no-http")
+        first.port("HTTPS web server")
+        first.stop()
+        exposed = [self.root / "key.pem", self.root / "Resources" / "ca-key.pem"]
+        exposed[0].chmod(0o644)
+        exposed[1].chmod(0o640)
+        warned = self.start("--web", "--no-http")
+        warned.port("HTTPS web server")
+        for path, who in zip(
+            exposed, ("every user of this machine", "its group"), strict=True
+        ):
+            warned.wait_for(
+                rf"{re.escape(str(path))} holds a private key and has mode 06[04][04]"
+                rf": {who} has access to it; run chmod 600 {re.escape(str(path))}"
+            )
+        warned.stop()
+
+        result = _run(
+            _twistd(),
+            "-n",
+            "--pidfile=",
+            "tls4d",
+            "--root",
+            str(self.root),
+            "--web",
+            "--no-http",
+            "--interface",
+            "127.0.0.1",
+            "--https-port",
+            "0",
+            "--strict",
+        )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "cannot start" in line]
+        self.assertIn("tls4d cannot start: --strict refuses private key files", line)
+        for path in exposed:
+            self.assertIn(f"run chmod 600 {path}", line)
+        self.assertNotIn("listening", output)
+
     def test_port_in_use(self) -> None:
         """A port already taken stops the start with one line naming the option."""
         first = self.start("--web", "--no-http")

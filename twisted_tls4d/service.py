@@ -252,8 +252,14 @@ class Tls4dService(MultiService):
             The new context and identity of each TLS listener, by name.
 
         Raises:
-            Tls4dError: A key, certificate, CA or DH file cannot be used.
+            Tls4dError: A key, certificate, CA or DH file cannot be used, or,
+                with ``strict``, a key file is open to others.
         """
+        if self.settings.strict:
+            tls.refuse_exposed(
+                [listener.key_path for listener in self.listeners]
+                + [self.layout.ca_key]
+            )
         client_cas: list[x509.Certificate] = []
         crl: x509.CertificateRevocationList | None = None
         if any(listener.mutual for listener in self.listeners):

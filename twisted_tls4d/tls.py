@@ -224,25 +224,67 @@ def suites_for_key(suites: Sequence[str], key: pki.PrivateKey) -> list[str]:
     return [suite for suite in suites if ("-ECDSA-" in suite) == ecdsa]
 
 
-def warn_if_exposed(path: Path) -> None:
+def key_exposure(path: Path) -> str | None:
     """
-    Log a warning if a private key file can be read or changed by anyone but
-    its owner.
+    Say whether a private key file is open to anyone but its owner.
 
     Args:
         path: The key file.
+
+    Returns:
+        A sentence naming the file, its mode, who has access to it and the
+        fix (``chmod 600 FILE``); None if only its owner has, or if the file
+        cannot be examined (a missing file is another error's business).
     """
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        return
-    if mode & 0o077:
+        return None
+    if not mode & 0o077:
+        return None
+    who = "every user of this machine" if mode & 0o007 else "its group"
+    return (
+        f"{path} holds a private key and has mode {mode:04o}: {who} has access "
+        f"to it; run chmod 600 {path}"
+    )
+
+
+def warn_if_exposed(path: Path) -> None:
+    """
+    Log a warning if a private key file can be read or changed by anyone but
+    its owner, naming the file and the ``chmod`` that fixes it.
+
+    Args:
+        path: The key file.
+    """
+    exposure = key_exposure(path)
+    if exposure is not None:
         _log.warn(
-            "{path} holds a private key and has mode {mode:o}: other users may "
-            "read it; run chmod 600 {path}",
+            "{exposure} (or start with --strict to refuse such keys)",
+            exposure=exposure,
             path=str(path),
-            mode=mode,
         )
+
+
+def refuse_exposed(paths: Sequence[Path]) -> None:
+    """
+    Refuse private key files open to anyone but their owner, as ``--strict``
+    asks.
+
+    Args:
+        paths: The key files; those that do not exist are skipped.
+
+    Raises:
+        ConfigurationError: One or more of them is open to its group or to
+            every user; the message names each with its ``chmod``.
+    """
+    exposures = [e for e in map(key_exposure, dict.fromkeys(paths)) if e]
+    if exposures:
+        msg = (
+            "--strict refuses private key files that others have access to: "
+            f"{'; '.join(exposures)}."
+        )
+        raise ConfigurationError(msg)
 
 
 def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
