@@ -453,7 +453,9 @@ class Soak:
         """
         options = self.options
         setup = await self.timed(
-            sql_client.connect(self.reactor, "127.0.0.1", self.ports["sql"], self.client)
+            sql_client.connect(
+                self.reactor, "127.0.0.1", self.ports["sql"], self.client
+            )
         )
         await self.timed(
             setup.execute(
