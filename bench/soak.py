@@ -24,7 +24,9 @@ The clients all run in this process, on one Twisted reactor:
 An error is any request that fails, times out (30 s) or gets an unexpected
 answer, and any error, critical or traceback line in the server's log. The
 memory verdict compares VmRSS at 25 % of the run with VmRSS at its end:
-"flat" when it grew by no more than ``--max-growth`` percent.
+"flat" when it grew by no more than ``--max-growth`` percent. It also prints
+VmRSS at 50 % and the least-squares trend after 25 %, in MB a minute, which
+tell a warm-up that slows down from a steady climb.
 
 It prints the memory series and a summary; with ``--json`` the last line is
 the summary as JSON. Exit status: 0 without errors and with flat memory,
@@ -468,9 +470,12 @@ class Soak:
         self.pools: list[HTTPConnectionPool] = []
         rounds: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         for n in range(options.clients):
-            rounds.append(("https", self.https_client(persistent=n % 2 == 0)))
-            rounds.append(("app", self.app_client(n)))
-            rounds.append(("sql", self.sql_client(n)))
+            if "https" in options.servers:
+                rounds.append(("https", self.https_client(persistent=n % 2 == 0)))
+            if "app" in options.servers:
+                rounds.append(("app", self.app_client(n)))
+            if "sql" in options.servers:
+                rounds.append(("sql", self.sql_client(n)))
 
         self.started = self.reactor.seconds()
         sampler = task.LoopingCall(self.sample)
@@ -504,15 +509,19 @@ class Soak:
         log = self.server_log().splitlines()
         server_errors = [line for line in log if _SERVER_ERROR.search(line)]
         server_warnings = [line for line in log if _SERVER_WARNING.search(line)]
-        quarter = min(self.samples, key=lambda s: abs(s[0] - self.options.duration / 4))
+
+        def at(fraction: float) -> tuple[float, int]:
+            moment = self.options.duration * fraction
+            return min(self.samples, key=lambda s: abs(s[0] - moment))
+
+        quarter, half = at(0.25), at(0.5)
         last = self.samples[-1]
         growth = 100.0 * (last[1] - quarter[1]) / quarter[1]
         return {
             "duration": round(elapsed, 1),
             "clients": {
-                "https": self.options.clients,
-                "app": self.options.clients,
-                "sql": self.options.clients,
+                server: self.options.clients if server in self.options.servers else 0
+                for server in LISTENERS
             },
             "requests": dict(self.tally.requests),
             "connections": dict(self.tally.connections),
@@ -524,10 +533,29 @@ class Soak:
             "warning_examples": server_warnings[:5],
             "rss_kb": [[round(t, 1), kb] for t, kb in self.samples],
             "rss_quarter_kb": quarter[1],
+            "rss_half_kb": half[1],
+            "rss_trend_kb_per_minute": round(_slope(self.samples, quarter[0]) * 60),
             "rss_end_kb": last[1],
             "rss_growth_percent": round(growth, 1),
             "memory_flat": growth <= self.options.max_growth,
         }
+
+
+def _slope(samples: list[tuple[float, int]], after: float) -> float:
+    """
+    Returns:
+        The least-squares slope of the samples taken from ``after`` seconds
+        on, in KiB a second (0 with fewer than two).
+    """
+    points = [(t, kb) for t, kb in samples if t >= after]
+    if len(points) < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_kb = sum(kb for _, kb in points) / len(points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((t - mean_t) * (kb - mean_kb) for t, kb in points) / spread
 
 
 def report(summary: dict[str, Any], options: argparse.Namespace) -> None:
@@ -563,8 +591,10 @@ def report(summary: dict[str, Any], options: argparse.Namespace) -> None:
     )
     print(
         f"memory: RSS {summary['rss_quarter_kb'] / 1024:.1f} MB at 25 % of the run, "
+        f"{summary['rss_half_kb'] / 1024:.1f} MB at 50 %, "
         f"{summary['rss_end_kb'] / 1024:.1f} MB at its end: "
-        f"{summary['rss_growth_percent']:+.1f} % ({verdict})"
+        f"{summary['rss_growth_percent']:+.1f} % ({verdict}); trend after 25 %: "
+        f"{summary['rss_trend_kb_per_minute'] / 1024:+.2f} MB/min"
     )
     if options.json:
         print(json.dumps(summary))
@@ -586,6 +616,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=10,
         help="concurrent clients on each of the three servers (default 10)",
+    )
+    parser.add_argument(
+        "--servers",
+        default="https,app,sql",
+        type=lambda text: set(text.split(",")),
+        help="the servers the clients use, of https, app and sql (default: all)",
     )
     parser.add_argument(
         "--interval",
@@ -619,6 +655,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.duration <= 0 or options.clients < 1 or options.interval <= 0:
         parser.error("--duration, --clients and --interval must be positive")
+    if not options.servers or not options.servers <= set(LISTENERS):
+        parser.error("--servers takes https, app and sql, separated by commas")
     return options
 
 
