@@ -632,9 +632,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--max-growth",
         type=float,
-        default=10.0,
+        default=5.0,
         help="percent of RSS growth from 25 %% of the run to its end still "
-        "called flat (default 10)",
+        "called flat (default 5)",
     )
     parser.add_argument(
         "--server-option",
