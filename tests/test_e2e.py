@@ -10,17 +10,23 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
 from tests import support
-from twisted_tls4d import pki, root
+from twisted_tls4d import identity, pki, revocation, root
+from twisted_tls4d.sql import dbapi
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -471,6 +477,52 @@ class StartTests(unittest.TestCase):
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
+    def test_exposed_keys(self) -> None:
+        """
+        Key files open to others are named at start with the chmod that fixes
+        them; with --strict the start is refused with one line naming them.
+        """
+        first = self.start("--web", "--no-http")
+        first.port("HTTPS web server")
+        first.stop()
+        exposed = [self.root / "key.pem", self.root / "Resources" / "ca-key.pem"]
+        exposed[0].chmod(0o644)
+        exposed[1].chmod(0o640)
+        warned = self.start("--web", "--no-http")
+        warned.port("HTTPS web server")
+        for path, who in zip(
+            exposed, ("every user of this machine", "its group"), strict=True
+        ):
+            warned.wait_for(
+                rf"{re.escape(str(path))} holds a private key and has mode 06[04][04]"
+                rf": {who} has access to it; run chmod 600 {re.escape(str(path))}"
+            )
+        warned.stop()
+
+        result = _run(
+            _twistd(),
+            "-n",
+            "--pidfile=",
+            "tls4d",
+            "--root",
+            str(self.root),
+            "--web",
+            "--no-http",
+            "--interface",
+            "127.0.0.1",
+            "--https-port",
+            "0",
+            "--strict",
+        )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "cannot start" in line]
+        self.assertIn("tls4d cannot start: --strict refuses private key files", line)
+        for path in exposed:
+            self.assertIn(f"run chmod 600 {path}", line)
+        self.assertNotIn("listening", output)
+
     def test_port_in_use(self) -> None:
         """A port already taken stops the start with one line naming the option."""
         first = self.start("--web", "--no-http")
@@ -500,7 +552,7 @@ class StartTests(unittest.TestCase):
     def test_reload_command(self) -> None:
         """
         After a new certificate is installed, ``tls4d reload`` makes the
-        running server serve it; a broken one is refused and the old kept.
+        running server serve it (broken files: `BrokenFilesTests`).
         """
         server = self.start("--web", "--no-http")
         port = server.port("HTTPS web server")
@@ -522,12 +574,6 @@ class StartTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn(str(server.process.pid), result.stdout)
         server.wait_for("Reload done")
-        served = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
-        self.assertIn("subject=CN = renewed", served.stdout)
-
-        (self.root / "cert.pem").write_text("broken\n")
-        server.process.send_signal(signal.SIGHUP)
-        server.wait_for(r"Reload failed, the servers keep the configuration")
         served = _s_client(port, "-CAfile", str(self.root / "Resources" / "ca.pem"))
         self.assertIn("subject=CN = renewed", served.stdout)
         server.stop()
@@ -597,6 +643,213 @@ class StartTests(unittest.TestCase):
         self.assertNotEqual(_s_client(port, "-tls1_2").returncode, 0)
         modern = _s_client(port, "-tls1_3")
         self.assertIn("New, TLSv1.3, Cipher is", modern.stdout)
+
+
+def _https_served(port: int, ca: Path) -> bytes:
+    """
+    Get ``/`` over HTTPS from 127.0.0.1, trusting ``ca``.
+
+    Returns:
+        The served leaf certificate, DER-encoded.
+
+    Raises:
+        AssertionError: The answer is not ``200 OK``.
+    """
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        connection.sendall(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        status = connection.makefile("rb").readline()
+        assert status.startswith(b"HTTP/1.1 200 "), status
+        served = connection.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def _app_ping(port: int, client: Path) -> bool:
+    """
+    Send one ``ping`` frame to the application server at 127.0.0.1 as the
+    client whose ``tls4d client`` folder is ``client``.
+
+    Returns:
+        Whether the server answered ``pong``; False if it refused the client
+        (during or just after the handshake).
+    """
+    context = ssl.create_default_context(cafile=str(client / "ca.pem"))
+    context.load_cert_chain(str(client / "cert.pem"), str(client / "key.pem"))
+    payload = json.dumps({"id": 1, "op": "ping", "args": {}}).encode()
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as connection,
+        ):
+            connection.sendall(len(payload).to_bytes(4, "big") + payload)
+            reader = connection.makefile("rb")
+            size = int.from_bytes(reader.read(4), "big")
+            answer = json.loads(reader.read(size))
+    except (OSError, ValueError):
+        return False
+    return bool(answer.get("result") == "pong")
+
+
+class BrokenFilesTests(unittest.TestCase):
+    """
+    Key, certificate, CA, revocation-list and DH files removed or damaged
+    under a running twistd: the servers go on serving with what they loaded,
+    a reload names the file and what is wrong and keeps the configuration,
+    and once the file is back a reload takes it.
+    """
+
+    def setUp(self) -> None:
+        self.folder = support.temporary_folder("tls4d-e2e-files-")
+        self.layout = root.RootLayout(self.folder / "root")
+        root.bootstrap(self.layout)
+        self.alice = self.folder / "alice"
+        identity.issue_client_identity(self.layout, "alice", self.alice)
+        self.mallory = self.folder / "mallory"
+        mallory = identity.issue_client_identity(self.layout, "mallory", self.mallory)
+        revoked = pki.load_certificates(mallory.cert)[0].serial_number
+        revocation.revoke(self.layout, [revoked])
+        self.server = Server(self.layout.path, "--web", "--no-http", "--app", "--sql")
+        self.addCleanup(self.server.stop)
+        self.ports = {
+            name: self.server.port(label)
+            for name, label in (
+                ("https", "HTTPS web server"),
+                ("app", "Application server"),
+                ("sql", "SQL server"),
+            )
+        }
+        self.https_certificate = pki.load_certificates(self.layout.cert)[0]
+
+    def assert_serving(self) -> None:
+        """
+        New connections to each server complete their handshake and are
+        answered, HTTPS with the certificate loaded at start, and the revoked
+        client is still refused.
+        """
+        served = _https_served(self.ports["https"], self.alice / "ca.pem")
+        self.assertEqual(
+            served, self.https_certificate.public_bytes(serialization.Encoding.DER)
+        )
+        self.assertTrue(_app_ping(self.ports["app"], self.alice))
+        self.assertFalse(_app_ping(self.ports["app"], self.mallory))
+        with closing(
+            dbapi.connect("127.0.0.1", self.ports["sql"], identity=self.alice)
+        ) as connection:
+            cursor = connection.cursor()
+            cursor.execute("SELECT 6 * 7")
+            self.assertEqual(cursor.fetchall(), [(42,)])
+
+    def reload(self, command: bool) -> str:
+        """
+        Ask the server to reload, by ``tls4d reload`` or SIGHUP.
+
+        Returns:
+            The log line that ends the reload ("Reload done" or "Reload
+            failed...").
+        """
+        ends = re.compile(r"^.*Reload (?:done|failed).*$", re.MULTILINE)
+        before = len(ends.findall(self.server.log))
+        if command:
+            result = _tls4d("reload", "--root", str(self.layout.path))
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        else:
+            self.server.process.send_signal(signal.SIGHUP)
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end:
+            found = ends.findall(self.server.log)
+            if len(found) > before:
+                return found[before]
+            time.sleep(0.05)
+        self.fail(f"No reload ended within {DEADLINE} s:\n{self.server.log}")
+
+    def check_fault(
+        self, path: Path, damage: Callable[[Path], None], problem: str, command: bool
+    ) -> None:
+        """
+        Damage ``path`` while the servers run, then check that they serve,
+        that a reload fails naming the file and ``problem``, that they still
+        serve as before, and that a reload takes the restored file.
+        """
+        content, mode = path.read_bytes(), path.stat().st_mode & 0o777
+        damage(path)
+        self.assert_serving()
+        failed = self.reload(command)
+        self.assertIn(
+            "Reload failed, the servers keep the configuration they had: ", failed
+        )
+        self.assertIn(f"{path}{problem}", failed)
+        self.assertIn("Reload again once that is fixed.", failed)
+        self.assert_serving()
+
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(descriptor, "wb") as restored:
+            restored.write(content)
+        self.assertIn("Reload done", self.reload(command))
+        self.assert_serving()
+        self.assertNotIn("PRIVATE KEY", self.server.log)
+
+    def test_key_removed(self) -> None:
+        """key.pem removed: the reload says it cannot read it."""
+        self.check_fault(
+            self.layout.key,
+            Path.unlink,
+            ": No such file or directory",
+            command=True,
+        )
+
+    def test_certificate_truncated(self) -> None:
+        """cert.pem cut in half: the reload says it is malformed."""
+        self.check_fault(
+            self.layout.cert,
+            lambda path: path.write_bytes(
+                path.read_bytes()[: path.stat().st_size // 2]
+            ),
+            " holds a malformed certificate",
+            command=False,
+        )
+
+    def test_ca_garbage(self) -> None:
+        """Resources/ca.pem overwritten with junk: the reload says it holds none."""
+        self.check_fault(
+            self.layout.ca,
+            lambda path: path.write_bytes(os.urandom(600)),
+            " holds no PEM certificate",
+            command=False,
+        )
+
+    def test_crl_corrupted(self) -> None:
+        """
+        Resources/crl.pem with its body damaged: the reload says it is
+        malformed, and the revoked client stays refused.
+        """
+
+        def corrupt(path: Path) -> None:
+            lines = path.read_bytes().splitlines(keepends=True)
+            path.write_bytes(b"".join([lines[0], lines[1][::-1], *lines[2:]]))
+
+        self.check_fault(
+            revocation.crl_path(self.layout),
+            corrupt,
+            " holds a malformed revocation list",
+            command=True,
+        )
+
+    def test_dhparams_removed(self) -> None:
+        """dhparams.pem removed: the reload says it is missing and how to fix it."""
+        self.check_fault(
+            self.layout.dhparams,
+            Path.unlink,
+            ": No such file or directory; restore it, or write the RFC 7919 "
+            "ffdhe2048 group there with 'tls4d dhparams",
+            command=False,
+        )
 
 
 class PluginTests(unittest.TestCase):

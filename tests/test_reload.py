@@ -30,6 +30,7 @@ from tests import support
 from twisted_tls4d import clienttls, pki, reloader, revocation, root, service, settings
 from twisted_tls4d.app import wire
 from twisted_tls4d.app.protocol import AppServerFactory
+from twisted_tls4d.errors import ConfigurationError
 
 
 def _replace_web_certificate(layout: root.RootLayout, common_name: str) -> int:
@@ -127,6 +128,35 @@ class ReloadTests(unittest.TestCase):
         self.layout.app_key.write_bytes(self.layout.key.read_bytes())
         self.assertFalse(self.top.reload())
         self.assertEqual(_served_serial(self.top.creators["app"]), before)
+
+    def test_strict_refuses_exposed_key(self) -> None:
+        """
+        With strict, building the servers fails on a key file others may
+        read, and a reload fails on one and keeps the configuration; without
+        it, the key is named in a warning.
+        """
+        self.layout.ca_key.chmod(0o640)
+        with capturedLogs() as events:
+            self.assertTrue(self.top.reload())
+        [warning] = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(warning["path"], str(self.layout.ca_key))
+        e = self.assertRaises(
+            ConfigurationError, _build, self.layout, Clock(), web=True, strict=True
+        )
+        self.assertIn(f"run chmod 600 {self.layout.ca_key}", str(e))
+
+        self.layout.ca_key.chmod(0o600)
+        strict = _build(self.layout, Clock(), web=True, app=True, strict=True)
+        before = _served_serial(strict.creators["app"])
+        _replace_web_certificate(self.layout, "renewed")
+        self.layout.app_key.chmod(0o644)
+        with capturedLogs() as events:
+            self.assertFalse(strict.reload())
+        [error] = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertIn(f"run chmod 600 {self.layout.app_key}", error["error"])
+        self.assertEqual(_served_serial(strict.creators["app"]), before)
+        self.layout.app_key.chmod(0o600)
+        self.assertTrue(strict.reload())
 
     def test_redirect_follows_certificate(self) -> None:
         """With HSTS, the redirect takes the names of the reloaded certificate."""

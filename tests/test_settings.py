@@ -177,6 +177,15 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((s.https_port, s.http_port, s.hsts), (0, 8080, True))
         self.assertEqual((s.root, s.interface), (root, "::1"))
 
+    def test_strict(self) -> None:
+        """--strict, or strict = true in the settings file, sets strict."""
+        self.assertFalse(settings.resolve({}, _root_with(None)).strict)
+        self.assertTrue(settings.resolve({}, _root_with("strict = true\n")).strict)
+        options = tap.Options()
+        options.parseOptions(["--strict", "--root", str(_root_with(None))])
+        self.assertTrue(options.settings.strict)
+        self.assertIn("--strict", str(tap.Options()))
+
     def refused(self, arguments: list[str]) -> str:
         """Parse options expected to stop the start; return what it printed."""
         error = io.StringIO()

@@ -1,7 +1,7 @@
 """
 Tests of the SQL protocol's version 1 features: parameters, typed columns,
 streamed results, users with passwords and access levels, the DB-API
-driver, and durability across ``kill -9``.
+driver (durability across ``kill -9`` is in test_durability).
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -756,120 +754,6 @@ class DBAPITests(_RealServerCase):
         with self.assertRaises(SQLError):
             await client.execute("CREATE TABLE z (a)")
         await client.close()
-
-
-class DurabilityTests(unittest.TestCase):
-    """
-    Rows whose COMMIT was answered survive ``kill -9`` of the server.
-    """
-
-    timeout = 120
-
-    def test_kill_9(self) -> None:
-        """
-        A client commits rows one by one, noting each answered commit; the
-        real twistd server is killed with SIGKILL mid-load; after restart,
-        every answered row is there.
-        """
-        layout = support.make_root()
-        _remove_later(self, layout.path)
-        identity = support.make_client_identity(layout)
-        _remove_later(self, identity.key.parent)
-        twistd = Path(sys.executable).parent / "twistd"
-        if not twistd.exists():
-            raise unittest.SkipTest("twistd is not installed beside Python")
-        env = dict(os.environ, PYTHONPATH=str(_REPOSITORY))
-
-        def start() -> tuple[subprocess.Popen[bytes], int]:
-            log = layout.path / "twistd.log"
-            process = subprocess.Popen(
-                [
-                    str(twistd),
-                    "-n",
-                    "--pidfile=",
-                    "--logfile",
-                    str(log),
-                    "tls4d",
-                    "--sql",
-                    "--root",
-                    str(layout.path),
-                    "--sql-port",
-                    "0",
-                    "--interface",
-                    "127.0.0.1",
-                ],
-                env=env,
-                cwd=str(layout.path.parent),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(300):
-                text = log.read_text() if log.exists() else ""
-                for line in text.splitlines():
-                    if "SQL server" in line and "listening" in line.lower():
-                        digits = line.rsplit(":", 1)[-1].strip().strip(".")
-                        if digits.isdigit():
-                            return process, int(digits)
-                if process.poll() is not None:
-                    self.fail(f"twistd ended: {text}")
-                time.sleep(0.1)
-            process.kill()
-            self.fail(f"twistd did not listen: {log.read_text()}")
-
-        process, port = start()
-        answered = []
-        try:
-            setup = dbapi.connect("127.0.0.1", port, identity=identity.key.parent)
-            setup.autocommit = True
-            setup.cursor().execute("CREATE TABLE load (i INTEGER PRIMARY KEY)")
-            setup.close()
-
-            stop = threading.Event()
-
-            def load() -> None:
-                connection = dbapi.connect(
-                    "127.0.0.1", port, identity=identity.key.parent
-                )
-                cursor = connection.cursor()
-                i = 0
-                try:
-                    while not stop.is_set() and i < 100_000:
-                        i += 1
-                        cursor.execute("INSERT INTO load VALUES (?)", (i,))
-                        connection.commit()
-                        answered.append(i)
-                except dbapi.Error:
-                    pass
-
-            loader = threading.Thread(target=load)
-            loader.start()
-            for _ in range(100):
-                if len(answered) >= 200:
-                    break
-                time.sleep(0.05)
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
-            stop.set()
-            loader.join(10)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        self.assertGreater(len(answered), 0)
-
-        (layout.path / "twistd.log").unlink()
-        process, port = start()
-        try:
-            after = dbapi.connect("127.0.0.1", port, identity=identity.key.parent)
-            cursor = after.cursor()
-            cursor.execute("SELECT i FROM load")
-            present = {row[0] for row in cursor}
-            after.close()
-        finally:
-            process.terminate()
-            process.wait(10)
-        self.assertEqual(set(answered) - present, set())
-        self.assertLessEqual(len(present) - len(answered), 1)
 
 
 class CommandLoginTests(_RealServerCase):

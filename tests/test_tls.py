@@ -10,7 +10,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -344,8 +344,43 @@ class OperatorWarningTests(unittest.TestCase):
             tls.load_identity(layout.cert, layout.key)
         [event] = events
         self.assertEqual(event["log_level"], LogLevel.warn)
-        self.assertEqual((event["path"], event["mode"]), (str(layout.key), 0o644))
-        self.assertIn("chmod 600", event["log_format"])
+        self.assertEqual(event["path"], str(layout.key))
+        self.assertIn(
+            f"{layout.key} holds a private key and has mode 0644: every user of "
+            f"this machine has access to it; run chmod 600 {layout.key}",
+            formatEvent(event),
+        )
+
+    def test_group_readable_key(self) -> None:
+        """A key file its group may read is named as such in the warning."""
+        layout = support.make_root()
+        layout.key.chmod(0o640)
+        with capturedLogs() as events:
+            tls.load_identity(layout.cert, layout.key)
+        [event] = events
+        self.assertIn("mode 0640: its group has access to it", formatEvent(event))
+
+    def test_refuse_exposed(self) -> None:
+        """
+        refuse_exposed names every key file open to others, once, with its
+        chmod, and passes owner-only and missing files.
+        """
+        layout = support.make_root()
+        layout.ca_key.unlink()
+        tls.refuse_exposed([layout.key, layout.app_key, layout.ca_key])
+        layout.key.chmod(0o640)
+        layout.app_key.chmod(0o604)
+        e = self.assertRaises(
+            ConfigurationError,
+            tls.refuse_exposed,
+            [layout.key, layout.app_key, layout.key, layout.ca_key],
+        )
+        message = str(e)
+        self.assertTrue(message.startswith("--strict refuses private key files"))
+        self.assertEqual(message.count(f"run chmod 600 {layout.key}"), 1)
+        self.assertIn(f"run chmod 600 {layout.app_key}", message)
+        self.assertNotIn(str(layout.ca_key), message)
+        self.assertNotIn("\n", message)
 
     def test_suites_for_key(self) -> None:
         """ECDSA keys get the ECDSA suites and RSA keys the others."""

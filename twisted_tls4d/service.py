@@ -320,8 +320,14 @@ class Tls4dService(MultiService):
             What was read.
 
         Raises:
-            Tls4dError: A key, certificate or CA file cannot be used.
+            Tls4dError: A key, certificate, CA or DH file cannot be used, or,
+                with ``strict``, a key file is open to others.
         """
+        if self.settings.strict:
+            tls.refuse_exposed(
+                [listener.key_path for listener in self.listeners]
+                + [self.layout.ca_key]
+            )
         client_cas: list[x509.Certificate] = []
         crl: x509.CertificateRevocationList | None = None
         if any(listener.mutual for listener in self.listeners):
@@ -449,7 +455,8 @@ class Tls4dService(MultiService):
             built = self.build_contexts(files)
         except (Tls4dError, SSL.Error, OSError) as e:
             _log.error(
-                "Reload failed, the servers keep the configuration they had: {error}",
+                "Reload failed, the servers keep the configuration they had: "
+                "{error} Reload again once that is fixed.",
                 error=str(e),
             )
             return False

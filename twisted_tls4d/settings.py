@@ -104,6 +104,8 @@ class Settings:
         min_tls: The lowest TLS version accepted, "1.2" or "1.3".
         ciphers: An OpenSSL cipher string for TLS 1.2; Mozilla's intermediate
             list if None.
+        strict: Refuse to start (or reload) while a private key file is open
+            to its group or to every user, instead of warning.
         hsts: Send Strict-Transport-Security and redirect plain HTTP to HTTPS.
         hsts_max_age: The HSTS max-age, in seconds.
         max_frame_size: The largest application-server frame, in bytes.
@@ -166,6 +168,7 @@ class Settings:
     sql_port: int = 19812
     min_tls: str = "1.2"
     ciphers: str | None = None
+    strict: bool = False
     hsts: bool = False
     hsts_max_age: int = 63072000
     max_frame_size: int = 1024 * 1024
@@ -217,6 +220,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "sql_port": (int,),
     "min_tls": (str, float),
     "ciphers": (str,),
+    "strict": (bool,),
     "hsts": (bool,),
     "hsts_max_age": (int,),
     "max_frame_size": (int,),

@@ -21,6 +21,7 @@ _DEFAULTS = settings_module.Settings()
 #: Flags: True when given; when not given, the settings file or the default.
 _FLAGS = (
     "no_http",
+    "strict",
     "hsts",
     "hsts_include_subdomains",
     "hsts_preload",
@@ -58,6 +59,13 @@ class Options(usage.Options):
         ["app", None, "Start the application server (mutual TLS)."],
         ["sql", None, "Start the SQL server (mutual TLS)."],
         ["no-http", None, "Serve no plain HTTP beside HTTPS."],
+        [
+            "strict",
+            None,
+            "Refuse to start (or reload) while a private key file (key.pem, "
+            "Resources/key.pem, Resources/ca-key.pem) is open to its group or "
+            "to every user [default: warn, naming the chmod that fixes it].",
+        ],
         [
             "hsts",
             None,

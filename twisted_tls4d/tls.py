@@ -228,25 +228,67 @@ def suites_for_key(suites: Sequence[str], key: pki.PrivateKey) -> list[str]:
     return [suite for suite in suites if ("-ECDSA-" in suite) == ecdsa]
 
 
-def warn_if_exposed(path: Path) -> None:
+def key_exposure(path: Path) -> str | None:
     """
-    Log a warning if a private key file can be read or changed by anyone but
-    its owner.
+    Say whether a private key file is open to anyone but its owner.
 
     Args:
         path: The key file.
+
+    Returns:
+        A sentence naming the file, its mode, who has access to it and the
+        fix (``chmod 600 FILE``); None if only its owner has, or if the file
+        cannot be examined (a missing file is another error's business).
     """
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        return
-    if mode & 0o077:
+        return None
+    if not mode & 0o077:
+        return None
+    who = "every user of this machine" if mode & 0o007 else "its group"
+    return (
+        f"{path} holds a private key and has mode {mode:04o}: {who} has access "
+        f"to it; run chmod 600 {path}"
+    )
+
+
+def warn_if_exposed(path: Path) -> None:
+    """
+    Log a warning if a private key file can be read or changed by anyone but
+    its owner, naming the file and the ``chmod`` that fixes it.
+
+    Args:
+        path: The key file.
+    """
+    exposure = key_exposure(path)
+    if exposure is not None:
         _log.warn(
-            "{path} holds a private key and has mode {mode:o}: other users may "
-            "read it; run chmod 600 {path}",
+            "{exposure} (or start with --strict to refuse such keys)",
+            exposure=exposure,
             path=str(path),
-            mode=mode,
         )
+
+
+def refuse_exposed(paths: Sequence[Path]) -> None:
+    """
+    Refuse private key files open to anyone but their owner, as ``--strict``
+    asks.
+
+    Args:
+        paths: The key files; those that do not exist are skipped.
+
+    Raises:
+        ConfigurationError: One or more of them is open to its group or to
+            every user; the message names each with its ``chmod``.
+    """
+    exposures = [e for e in map(key_exposure, dict.fromkeys(paths)) if e]
+    if exposures:
+        msg = (
+            "--strict refuses private key files that others have access to: "
+            f"{'; '.join(exposures)}."
+        )
+        raise ConfigurationError(msg)
 
 
 def load_identity(cert_path: Path, key_path: Path) -> ServerIdentity:
@@ -482,6 +524,44 @@ def _alpn_selector(protocols: Sequence[bytes]) -> Any:
     return select
 
 
+def _openssl_reasons(error: SSL.Error) -> str:
+    """
+    Returns:
+        The reasons OpenSSL gave for ``error``, in words, without its
+        library and function names.
+    """
+    reasons = [
+        entry[2]
+        for entry in (error.args[0] if error.args else [])
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+    ]
+    return "; ".join(reasons) or str(error)
+
+
+def _load_dh_parameters(context: SSL.Context, path: Path) -> None:
+    """
+    Give ``context`` the DH parameters of ``path``.
+
+    Raises:
+        PEMError: The file cannot be read or holds no usable parameters.
+    """
+    fix = (
+        "write the RFC 7919 ffdhe2048 group there with 'tls4d dhparams --group "
+        f"ffdhe2048 --root {path.parent}' (a start writes it where it is missing)"
+    )
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        msg = f"Cannot read {path}: {e.strerror}; restore it, or {fix}."
+        raise PEMError(msg) from e
+    try:
+        context.load_tmp_dh(str(path).encode())
+    except SSL.Error as e:
+        msg = f"{path} holds no usable DH parameters ({_openssl_reasons(e)}); {fix}."
+        raise PEMError(msg) from e
+
+
 def build_context(
     policy: TLSPolicy,
     identity: ServerIdentity,
@@ -559,14 +639,7 @@ def build_context(
             groups=GROUPS,
         )
     if policy.dh_parameters is not None:
-        try:
-            context.load_tmp_dh(str(policy.dh_parameters).encode())
-        except SSL.Error as e:
-            msg = (
-                f"{policy.dh_parameters} holds no usable DH parameters ({e}); "
-                "delete it and tls4d writes the RFC 7919 ffdhe2048 group."
-            )
-            raise PEMError(msg) from e
+        _load_dh_parameters(context, policy.dh_parameters)
 
     context.use_certificate(identity.certificate)
     for certificate in identity.chain[1:]:
