@@ -615,6 +615,27 @@ class StatementOrderTests(_InMemoryCase):
         pump.flush()
         self.assertEqual(client.messages[-1]["ok"], True)
 
+    def test_short_read_answered_at_once(self) -> None:
+        """
+        Once the session's connection is open, a short read is answered
+        without a database thread; a write still takes one.
+        """
+        threadpool = self.threadpool
+        assert isinstance(threadpool, _QueuedThreadPool)
+        _, client, pump = self.connect()
+        self.ask(client, pump, b"CREATE TABLE t (n)\n")
+        threadpool.run_next()
+        pump.flush()
+        self.ask(client, pump, b"SELECT 41 + 1\n")
+        self.assertEqual(threadpool.queued, [])
+        self.assertEqual(client.messages[-2], [42])
+        self.assertEqual(client.messages[-1]["ok"], True)
+        self.ask(client, pump, b"INSERT INTO t VALUES (1)\n")
+        self.assertEqual(len(threadpool.queued), 1)
+        threadpool.run_next()
+        pump.flush()
+        self.assertEqual(client.messages[-1]["changes"], 1)
+
     def test_no_request_timeout_while_running(self) -> None:
         """
         Lines held back while a statement runs are not the client's delay:
@@ -623,7 +644,9 @@ class StatementOrderTests(_InMemoryCase):
         threadpool = self.threadpool
         assert isinstance(threadpool, _QueuedThreadPool)
         _, client, pump = self.connect()
-        self.ask(client, pump, b"SELECT 1\nSELECT 2\nSELECT")
+        # Writes, which always run in a database thread (a short read may be
+        # answered at once).
+        self.ask(client, pump, b"CREATE TABLE a (x)\nCREATE TABLE b (x)\nSELECT")
         self.clock.advance(self.factory.request_timeout * 2)
         pump.flush()
         self.assertIsNone(client.lost)

@@ -321,6 +321,13 @@ class SQLServerProtocol(AuthenticatedPeerMixin, LineReceiver):
             )
             return
 
+        answer_at_once = getattr(self._session, "answer_at_once", None)
+        if answer_at_once is not None:
+            # A short read is answered here, without a database thread.
+            answer = answer_at_once(request.statement, request.parameters)
+            if answer is not None:
+                self.transport.write(answer.data)
+                return
         self.setTimeout(None)
         self.pauseProducing()
         d = self.factory.run_in_thread(

@@ -35,6 +35,22 @@ _REFUSED_ACTIONS = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
 
 #: Authorizer actions a read-only user may take: read, and delimit
 #: transactions.
+#: What a statement answered at once (`Session.answer_at_once`) may do: read.
+_AT_ONCE_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_SELECT,
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_FUNCTION,
+        sqlite3.SQLITE_RECURSIVE,
+    }
+)
+
+#: SQLite virtual-machine steps between two looks at a statement answered at
+#: once, and how many looks before it is left to a database thread instead:
+#: a bound, well under a millisecond, on the time it holds the reactor.
+AT_ONCE_STEPS = 1000
+AT_ONCE_LOOKS = 20
+
 _READ_ACTIONS = frozenset(
     {
         sqlite3.SQLITE_SELECT,
@@ -171,6 +187,8 @@ class Session:
         self._denied: str | None = None
         self._closed = False
         self._abandoned = False
+        self._reader: sqlite3.Connection | None = None
+        self._looks = 0
 
     @property
     def access(self) -> str:
@@ -269,6 +287,99 @@ class Session:
                 "of WAL; sessions that read will wait for sessions that write."
             )
         return connection, notice
+
+    def answer_at_once(
+        self, statement: str, parameters: Sequence[wire.Value] = ()
+    ) -> Answer | None:
+        """
+        Answer a short read in the calling thread (the reactor's), sparing it
+        the trip to a database thread and back. It is tried only outside a
+        transaction, on a read-only connection of its own that waits for no
+        lock; the statement may only read (SQLite's authorizer refuses
+        anything else before it runs), must finish within `AT_ONCE_LOOKS`
+        times `AT_ONCE_STEPS` SQLite steps, and its answer must fit in one
+        batch. Otherwise nothing was changed and the caller runs it with
+        `start` in a database thread as usual.
+
+        Args:
+            statement: One SQL statement.
+            parameters: The values of its ``?`` placeholders.
+
+        Returns:
+            The whole answer, or None to run the statement with `start`.
+        """
+        connection = self._connection
+        if (
+            connection is None
+            or connection.in_transaction
+            or self._closed
+            or self._abandoned
+            or not self._lock.acquire(blocking=False)
+        ):
+            return None
+        try:
+            if self._cursor is not None:
+                return None
+            if self._reader is None:
+                self._reader = self._open_reader()
+            self._looks = 0
+            cursor = self._reader.execute(statement, tuple(parameters))
+            try:
+                if cursor.description is None:
+                    return None
+                names = [d[0] for d in cursor.description]
+                rows = cursor.fetchmany(BATCH_ROWS)
+                if len(rows) >= BATCH_ROWS:
+                    return None
+            finally:
+                cursor.close()
+            lines = [
+                wire.encode_line(
+                    wire.columns(names, wire.column_types(rows, len(names)))
+                )
+            ]
+            lines.extend(
+                wire.encode_line([wire.encode_value(v) for v in row]) for row in rows
+            )
+            lines.append(wire.encode_line(wire.success(len(rows), None, False)))
+            return Answer(b"".join(lines), ok=True, rows=len(rows), done=True)
+        except (sqlite3.Error, ValueError, OverflowError):
+            # Refused, interrupted, busy or failed: the database thread runs
+            # it again and answers whatever it really gives.
+            return None
+        finally:
+            self._lock.release()
+
+    def _open_reader(self) -> sqlite3.Connection:
+        """
+        Returns:
+            A read-only connection to the database that waits for no lock,
+            lets statements only read, and interrupts one that runs long.
+
+        Raises:
+            sqlite3.Error: The database cannot be opened.
+        """
+        uri = self._database.resolve().as_uri() + "?mode=ro"
+        reader = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=0,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=128,
+        )
+        reader.text_factory = _decode_text
+        reader.set_authorizer(_authorize_at_once)
+        reader.set_progress_handler(self._look, AT_ONCE_STEPS)
+        return reader
+
+    def _look(self) -> int:
+        """
+        SQLite's progress handler on the reader: a non-zero answer
+        interrupts the statement.
+        """
+        self._looks += 1
+        return 1 if self._looks > AT_ONCE_LOOKS else 0
 
     def execute(self, statement: str, parameters: Sequence[wire.Value] = ()) -> Answer:
         """
@@ -424,6 +535,9 @@ class Session:
             Whether uncommitted work was rolled back.
         """
         self._finish_cursor()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         connection, self._connection = self._connection, None
         if connection is None:
             return False
@@ -459,6 +573,19 @@ class Session:
         with self._lock:
             self._closed = True
             return self._close_connection()
+
+
+def _authorize_at_once(
+    action: int,
+    arg1: str | None,
+    arg2: str | None,
+    database: str | None,
+    source: str | None,
+) -> int:
+    """
+    The authorizer of a session's reader: reading only.
+    """
+    return sqlite3.SQLITE_OK if action in _AT_ONCE_ACTIONS else sqlite3.SQLITE_DENY
 
 
 def _check_access(access: str) -> None:
