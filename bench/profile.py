@@ -100,7 +100,7 @@ CATEGORIES = (
         r"http\.py: _escape|datetimeToLogString",
     ),
     (
-        "protocol wrappers (policies.py: ConnectionLimit's ThrottlingProtocol)",
+        "protocol wrappers (policies.py: the connection guard's ProtocolWrapper)",
         r"protocols/policies\.py",
     ),
     ("HTTP parsing, headers, request objects", r"twisted/web/"),
