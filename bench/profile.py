@@ -346,27 +346,12 @@ def profile(suite: Suite, out: Path) -> str:
         loads = start(seconds + 3)
         time.sleep(1.5)
         raw = out / f"{index}-{re.sub(r'[^a-z0-9]+', '-', phase.lower())[:40]}.txt"
-        result = subprocess.run(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(tls4d.pid),
-                "--duration",
-                str(round(seconds)),
-                "--rate",
-                "250",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--subprocesses",
-                "--output",
-                str(raw),
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            timeout=seconds + 120,
-        )
+        # py-spy now and then fails to find the interpreter at once ("No
+        # python processes found"); the load runs on, so try again, twice.
+        for _attempt in range(3):
+            result = _record(spy, tls4d.pid, seconds, raw)
+            if result.returncode == 0 and raw.exists():
+                break
         for load in loads:
             try:
                 load.wait(seconds + 120)
@@ -378,3 +363,33 @@ def profile(suite: Suite, out: Path) -> str:
             raise RuntimeError(msg)
         sections.append(render(phase, raw.read_text()))
     return "\n".join(sections)
+
+
+def _record(
+    spy: str, pid: int, seconds: float, raw: Path
+) -> subprocess.CompletedProcess[str]:
+    """
+    Returns:
+        How one py-spy run sampling ``pid`` for ``seconds`` into ``raw`` ended.
+    """
+    return subprocess.run(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(round(seconds)),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--subprocesses",
+            "--output",
+            str(raw),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
