@@ -220,6 +220,8 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
         self._write_paused = False
         self._receiving = False
         self._gathering: list[bytes] | None = None
+        self._peer_label: str | None = None
+        self._connection_view = _RequestConnection(self)
         self._gathered = 0
         self._gather_until = 0
         self._closing = False
@@ -623,9 +625,18 @@ class AppServerProtocol(AuthenticatedPeerMixin, Int32StringReceiver):
             op=op,
             args=args,
             identity=self.identity,
-            peer=peer_label(self.transport),
-            connection=_RequestConnection(self),
+            peer=self._peer_text(),
+            connection=self._connection_view,
         )
+
+    def _peer_text(self) -> str:
+        """
+        Returns:
+            The peer's ``host:port``, worked out once per connection.
+        """
+        if self._peer_label is None:
+            self._peer_label = peer_label(self.transport)
+        return self._peer_label
 
     # Serving
 
