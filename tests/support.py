@@ -155,3 +155,18 @@ def client_options(
         The project's own client TLS options for ``identity``.
     """
     return clienttls.client_options(host, identity)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    """
+    Returns:
+        ``data`` cut at the given offsets (taken modulo its length + 1), the
+        pieces in order; a piece may be empty where offsets repeat an end.
+    """
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return pieces

@@ -59,15 +59,9 @@ FRAME_REFUSALS = (
 def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     """
     Returns:
-        ``data`` cut at the given offsets (taken modulo its length + 1).
+        ``data`` cut at the given offsets, without empty pieces.
     """
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return [piece for piece in pieces if piece]
+    return [piece for piece in support.split_at(data, cuts) if piece]
 
 
 def _run_now(function: Any, *args: Any) -> Deferred[Any]:

@@ -137,20 +137,6 @@ def _frames_of(data: bytes) -> list[Any]:
     return frames
 
 
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    """
-    Returns:
-        ``data`` cut at the given offsets (taken modulo its length + 1).
-    """
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return pieces
-
-
 def assert_well_formed_answer(case: SynchronousTestCase, answer: Any) -> None:
     """
     Assert that an application server's frame is an answer with an ``id``
@@ -310,7 +296,9 @@ class AppServerFramingProperties(SynchronousTestCase):
         """
         expected = self.answers_to(frames)
         self.assertEqual(len(expected), len(frames))
-        self.assertEqual(self.answers_to(_split(b"".join(frames), cuts)), expected)
+        self.assertEqual(
+            self.answers_to(support.split_at(b"".join(frames), cuts)), expected
+        )
 
     @bounded(25)
     @given(
@@ -331,7 +319,7 @@ class AppServerFramingProperties(SynchronousTestCase):
         ]
         expected = self.answers_to(frames)
         self.assertEqual(len(expected), len(frames))
-        pieces = _split(b"".join(frames), cuts)
+        pieces = support.split_at(b"".join(frames), cuts)
         self.assertEqual(self.answers_to(pieces), expected)
 
     @bounded(60)
@@ -695,7 +683,7 @@ class SQLServerLineProperties(SynchronousTestCase):
         self.assertEqual(len(self.statuses(expected)), len(answered))
 
         protocol, transport = self.serve()
-        for piece in _split(b"".join(data), cuts):
+        for piece in support.split_at(b"".join(data), cuts):
             protocol.dataReceived(piece)
         self.assertEqual(self.messages(transport), expected)
 
@@ -750,7 +738,7 @@ class SQLServerLineProperties(SynchronousTestCase):
         line = b"SELECT 1".ljust(length) + end
         after, later = (f"t{uuid.uuid4().hex}" for _ in range(2))
         protocol, transport = self.serve()
-        for piece in _split(
+        for piece in support.split_at(
             line, [len(line) * (i + 1) // (pieces + 1) for i in range(pieces)]
         ):
             protocol.dataReceived(piece)

@@ -51,6 +51,9 @@ _AT_ONCE_ACTIONS = frozenset(
 AT_ONCE_STEPS = 1000
 AT_ONCE_LOOKS = 20
 
+#: The page cache of a session's read-only connection, in KiB.
+AT_ONCE_CACHE_KIB = 256
+
 _READ_ACTIONS = frozenset(
     {
         sqlite3.SQLITE_SELECT,
@@ -369,6 +372,9 @@ class Session:
             cached_statements=128,
         )
         reader.text_factory = _decode_text
+        # Short reads need few pages; the session's own connection keeps
+        # SQLite's default cache.
+        reader.execute(f"PRAGMA cache_size=-{AT_ONCE_CACHE_KIB}")
         reader.set_authorizer(_authorize_at_once)
         reader.set_progress_handler(self._look, AT_ONCE_STEPS)
         return reader
