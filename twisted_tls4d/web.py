@@ -164,8 +164,20 @@ class AppFallback(resource.Resource):
         return self.app.render(request)
 
 
-def _signature(status: os.stat_result) -> tuple[int, int, int, int]:
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+def _signature(status: os.stat_result) -> tuple[int, ...]:
+    """
+    Returns:
+        What tells a file apart from its earlier self: its device and inode,
+        size, and the times of its last change of content and of metadata
+        (a ``chmod`` moves the latter).
+    """
+    return (
+        status.st_dev,
+        status.st_ino,
+        status.st_size,
+        status.st_mtime_ns,
+        status.st_ctime_ns,
+    )
 
 
 class SmallFileCache:
@@ -183,9 +195,7 @@ class SmallFileCache:
     def __init__(self, limit: int = SMALL_FILE_CACHE_BYTES) -> None:
         self.limit = limit
         self.held = 0
-        self._files: OrderedDict[str, tuple[tuple[int, int, int, int], bytes]] = (
-            OrderedDict()
-        )
+        self._files: OrderedDict[str, tuple[tuple[int, ...], bytes]] = OrderedDict()
 
     def read(self, path: str, status: os.stat_result) -> bytes | None:
         """
@@ -816,9 +826,9 @@ class WebSite(server.Site):
         super().__init__(root, logFormatter=access_log_line, **kwargs)
         self.extra_headers = list(extra_headers)
         self.limits = limits or Limits()
-        self._files_by_path: OrderedDict[
-            bytes, tuple[WebFolder, tuple[int, int, int, int]]
-        ] = OrderedDict()
+        self._files_by_path: OrderedDict[bytes, tuple[WebFolder, tuple[int, ...]]] = (
+            OrderedDict()
+        )
 
     def getResourceFor(self, request: IRequest) -> Any:  # noqa: N802 (Twisted's name)
         """
