@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -330,20 +331,12 @@ class Session:
             try:
                 if cursor.description is None:
                     return None
-                names = [d[0] for d in cursor.description]
                 rows = cursor.fetchmany(BATCH_ROWS)
                 if len(rows) >= BATCH_ROWS:
                     return None
+                lines = _encode_rows(cursor.description, rows, header=True)
             finally:
                 cursor.close()
-            lines = [
-                wire.encode_line(
-                    wire.columns(names, wire.column_types(rows, len(names)))
-                )
-            ]
-            lines.extend(
-                wire.encode_line([wire.encode_value(v) for v in row]) for row in rows
-            )
             lines.append(wire.encode_line(wire.success(len(rows), None, False)))
             return Answer(b"".join(lines), ok=True, rows=len(rows), done=True)
         except (sqlite3.Error, ValueError, OverflowError):
@@ -471,16 +464,11 @@ class Session:
         connection = self._connection
         assert cursor is not None and connection is not None
         rows = cursor.fetchmany(BATCH_ROWS) if cursor.description is not None else []
-        lines = []
-        if first and cursor.description is not None:
-            names = [d[0] for d in cursor.description]
-            types = wire.column_types(rows, len(names))
-            lines.append(wire.encode_line(wire.columns(names, types)))
-        size = 0
-        for row in rows:
-            line = wire.encode_line([wire.encode_value(v) for v in row])
-            size += len(line)
-            lines.append(line)
+        lines = (
+            _encode_rows(cursor.description, rows, header=first)
+            if cursor.description is not None
+            else []
+        )
         self._rows += len(rows)
         done = cursor.description is None or len(rows) < BATCH_ROWS
         if done:
@@ -579,6 +567,23 @@ class Session:
         with self._lock:
             self._closed = True
             return self._close_connection()
+
+
+def _encode_rows(
+    description: Sequence[Sequence[Any]], rows: list[Any], *, header: bool
+) -> list[bytes]:
+    """
+    Returns:
+        The lines of a batch of rows, after the columns' header line if
+        ``header`` (the types read from these rows).
+    """
+    lines = []
+    if header:
+        names = [d[0] for d in description]
+        types = wire.column_types(rows, len(names))
+        lines.append(wire.encode_line(wire.columns(names, types)))
+    lines.extend(wire.encode_line([wire.encode_value(v) for v in row]) for row in rows)
+    return lines
 
 
 def _authorize_at_once(
